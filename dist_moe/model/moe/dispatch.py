@@ -10,7 +10,9 @@ Capacity is per expert over the T tokens given to one `route` call, i.e. one ran
 drop decision therefore does not depend on how experts are spread over ranks.
 
 `route` gives every one of the k*T assignments a row, kept ones first (by expert), dropped ones after
-them, so every size is static and nothing waits on the host: this is the single-GPU hot path. `dispatch`
+them, so every size is static and nothing waits on the host: this is the single-GPU hot path. On CUDA,
+drop_policy="position" runs as three Triton kernels (`kernels/moe_router.py: fused_route`), which must
+give the same plan as the PyTorch code below bit for bit. `dispatch`
 is the compacted view (kept rows only, as the all-to-all sends them); its row count costs one host sync.
 """
 
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from dist_moe.kernels.moe_router import fused_route
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -41,6 +45,7 @@ class Routing:
         if asked).
     tokens_per_expert (E,) int64: kept assignments per expert (segment sizes of rows [0, N)).
     kept (T, k) bool: which of each token's k choices survived the capacity limit.
+    dropped () int64: assignments over capacity, R - N.
     capacity: per-expert limit that was applied (dropless: T, the most an expert can receive).
     """
 
@@ -49,6 +54,7 @@ class Routing:
     combine_weights: torch.Tensor
     tokens_per_expert: torch.Tensor
     kept: torch.Tensor
+    dropped: torch.Tensor
     capacity: int
 
 
@@ -60,6 +66,11 @@ def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capaci
     top2gating/topkgating do: a token whose second choice overflowed gets weight 1 on its first.
     """
     num_tokens, top_k = indices.shape
+    if indices.is_cuda and drop_policy == "position" and num_experts <= 256:
+        token_index, row_index, combine, tokens_per_expert, kept, dropped = fused_route(
+            indices, weights, num_experts, capacity, normalize_weights)
+        return Routing(token_index, row_index, combine, tokens_per_expert, kept, dropped,
+                       num_tokens if capacity is None else capacity)
     num_rows = num_tokens * top_k
     flat_expert = indices.t().reshape(-1)  # (k*T,) choice-major: assignment a = choice * T + token
     if drop_policy == "probs":
@@ -95,6 +106,7 @@ def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capaci
                    combine_weights=combine,
                    tokens_per_expert=tokens_per_expert,
                    kept=kept,
+                   dropped=num_rows - tokens_per_expert.sum(),
                    capacity=capacity)
 
 

@@ -23,7 +23,7 @@ from dist_moe.config import Config, ConfigError, expert_width
 from dist_moe.kernels.moe_permute import combine, permute
 from dist_moe.model.moe.dispatch import expert_capacity, route
 from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts, expert_init
-from dist_moe.model.moe.router import Router, router_z_loss
+from dist_moe.model.moe.router import Router, router_stats, router_z_loss
 from dist_moe.parallel.all_to_all import all_to_all, exchange_counts
 from dist_moe.parallel.deepspeed_moe import ExpertParallelModule
 
@@ -44,10 +44,11 @@ class MoEStats:
     num_tokens: int
 
     @classmethod
-    def of(cls, probs: torch.Tensor, tokens_per_expert: torch.Tensor, capacity: int, top_k: int) -> "MoEStats":
-        probs, routed = probs.detach(), probs.shape[0] * top_k
-        return cls(tokens_per_expert.detach(), routed - tokens_per_expert.sum(), routed, capacity,
-                   torch.special.entr(probs).sum(), probs.max(dim=-1).values.sum(), probs.shape[0])
+    def of(cls, router_stats: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: torch.Tensor, capacity: int,
+           num_tokens: int, top_k: int) -> "MoEStats":
+        """router_stats (2,): (entropy sum, top-1 probability sum), as the router returns them."""
+        return cls(tokens_per_expert.detach(), dropped, num_tokens * top_k, capacity, router_stats[0],
+                   router_stats[1], num_tokens)
 
 
 def _capacity(cfg: Config, num_tokens: int, training: bool) -> Optional[int]:
@@ -100,7 +101,7 @@ class MoELayer(ExpertParallelModule):
 
     def forward(self, x: torch.Tensor):
         tokens = x.reshape(-1, x.shape[-1])  # (B*T, D)
-        weights, indices, aux_loss, z_loss, probs = self.router(tokens)
+        weights, indices, aux_loss, z_loss, router_stats = self.router(tokens)
         plan = route(indices, weights, self.num_experts, _capacity(self.cfg, len(tokens), self.training),
                      self.cfg.moe.drop_policy, self.cfg.moe.normalize_weights)
         if self.ep_group is None:  # the experts gather their rows themselves (and sum their gradients back)
@@ -111,7 +112,8 @@ class MoELayer(ExpertParallelModule):
         y = combine(rows, plan.row_index, plan.combine_weights)  # gate-weighted sum in fp32, x's dtype
         if self.shared_mlp is not None:
             y = y + self.shared_mlp(tokens)
-        self.last_stats = MoEStats.of(probs, plan.tokens_per_expert, plan.capacity, self.cfg.moe.top_k)
+        self.last_stats = MoEStats.of(router_stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
+                                      self.cfg.moe.top_k)
         return y.view_as(x), aux_loss, z_loss
 
     def _exchange_and_run(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -206,7 +208,9 @@ class DeepSpeedMoE(MoE):
             y = y + self.shared_mlp(x)
         _, capacity, num_experts, indices = self._routes[:4]
         kept = torch.bincount(indices.long().flatten() + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
-        self.last_stats = MoEStats.of(torch.softmax(logits, -1), kept, int(capacity), self.top_k)
+        num_tokens, stats = len(logits), router_stats(torch.softmax(logits, -1))
+        self.last_stats = MoEStats.of(stats, kept, num_tokens * self.top_k - kept.sum(), int(capacity), num_tokens,
+                                      self.top_k)
         return y, aux_loss, router_z_loss(logits)
 
 

@@ -4,13 +4,19 @@ Gating follows DeepSpeed's `sharded_moe` (GShard/Switch) so both implementations
 probabilities are the fp32 softmax of the router logits, and each token picks the k most probable experts.
 The combine weights returned here are the raw probabilities of the chosen experts; renormalising them
 happens in dispatch, after capacity dropping, exactly where DeepSpeed's top2gating does it.
+On CUDA the gating after the router GEMM runs fused (`kernels/moe_router.py`, a few Triton launches);
+`top_k_gating` below is its PyTorch reference and the CPU path (where gating stays equal to DeepSpeed's).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dist_moe.kernels.moe_router import fused_router, router_logits
 
 NOISE_POLICIES = ("none", "learned", "jitter", "rsample")
 
@@ -34,10 +40,27 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def router_stats(probs: torch.Tensor) -> torch.Tensor:
+    """(2,) fp32, no grad: (sum over tokens of the routing distribution's entropy in nats, sum of top-1 probs)."""
+    probs = probs.detach()
+    return torch.stack([torch.special.entr(probs).sum(), probs.max(dim=-1).values.sum()])
+
+
+def top_k_gating(logits: torch.Tensor, top_k: int, scores: Optional[torch.Tensor] = None):
+    """logits (T, E) fp32 -> (weights (T, k) fp32, indices (T, k) int64, aux_loss, z_loss, stats (2,)): the k
+    experts of highest `scores` (default: the softmax probabilities), most preferred first, weighted by
+    their probabilities. The reference of kernels.moe_router.fused_router."""
+    probs = torch.softmax(logits, dim=-1)
+    indices = torch.topk(probs if scores is None else scores, top_k, dim=-1).indices  # (T, k)
+    weights = probs.gather(1, indices)
+    return weights, indices, load_balancing_loss(probs, indices), router_z_loss(logits), router_stats(probs)
+
+
 class Router(nn.Module):
     """Linear gate (no bias) with noisy top-k gating; routes each of T tokens to k of E experts.
 
-    forward(x: (T, D)) -> (weights (T, k) fp32, indices (T, k) int64, aux_loss, z_loss, probs (T, E) fp32).
+    forward(x: (T, D)) -> (weights (T, k) fp32, indices (T, k) int64, aux_loss, z_loss, stats (2,) fp32) as
+    top_k_gating returns them. Logits are fp32 (bf16 x and weight on CUDA: tensor cores, fp32 output).
     Noise applies in training only and draws from `self.generator`, which the owner seeds and checkpoints:
     learned = Shazeer et al. 2017 (logits + N(0,1) * softplus(x W_noise)); jitter = DeepSpeed's
     multiplicative_jitter on the router input; rsample = Gumbel noise on the logits for selection only
@@ -68,20 +91,17 @@ class Router(nn.Module):
         return low + (high - low) * u
 
     def forward(self, x: torch.Tensor):
-        x = x.float()
         noisy = self.training and self.noise != "none"
         if noisy and self.noise == "jitter":
-            x = x * self._uniform(x, 1.0 - self.noise_eps, 1.0 + self.noise_eps)
-        logits = F.linear(x, self.weight.float())  # (T, E)
+            x = x.float() * self._uniform(x, 1.0 - self.noise_eps, 1.0 + self.noise_eps)
+        logits = router_logits(x, self.weight)  # (T, E) fp32
         if noisy and self.noise == "learned":
-            std = F.softplus(F.linear(x, self.noise_weight.float()))
+            std = F.softplus(router_logits(x, self.noise_weight))
             normal = torch.randn(logits.shape, generator=self.generator, device=logits.device)
             logits = logits + normal * std
-        probs = torch.softmax(logits, dim=-1)
-        scores = probs
         if noisy and self.noise == "rsample":
             gumbel = -torch.log(-torch.log(self._uniform(logits, 1e-20, 1.0)))
-            scores = logits + gumbel
-        indices = torch.topk(scores, self.top_k, dim=-1).indices  # (T, k), most preferred first
-        weights = probs.gather(1, indices)
-        return weights, indices, load_balancing_loss(probs, indices), router_z_loss(logits), probs
+            return top_k_gating(logits, self.top_k, scores=logits + gumbel)
+        if logits.is_cuda and logits.shape[1] <= 256:  # the fused kernels hold a token's E logits in registers
+            return fused_router(logits, self.top_k)
+        return top_k_gating(logits, self.top_k)
