@@ -6,12 +6,9 @@ sliding-window mask when `window > 0`. q is (B, Hq, N, D), k and v are (B, Hkv, 
 query head h reads key/value head h // (Hq // Hkv) without repeating K/V in memory. Tiles move through
 tensor descriptors (TMA on Hopper), which zero-fill rows past N and clip stores. Softmax runs in base 2
 (log2(e) folded into the scale); the forward saves the base-2 log-sum-exp, and the backward recomputes P:
-one kernel owns each key block and sums dK/dV over its group's query heads in one loop (no atomics).
-dQ is added from that same loop into an fp32 buffer by TMA reduce-adds (5 block matmuls per block pair, as
-FlashAttention-2/3 do), unless torch.use_deterministic_algorithms is on: then a second kernel owns each
-query block and recomputes P and dP for dQ (7 matmuls, bitwise repeatable). Fully masked blocks are
-skipped; the forward and dQ split the rest into unmasked blocks and edge blocks (causal diagonal, window
-edge, ragged tail).
+one kernel owns each key block and sums dK/dV over its group's query heads in one loop (no atomics),
+another owns each query block and writes dQ. Fully masked blocks are skipped; the forward and dQ split
+the rest into unmasked blocks and edge blocks (causal diagonal, window edge, ragged tail).
 """
 import math
 import os
@@ -25,17 +22,14 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_QUERY_SIDE = ("Q", "O", "DO", "DQ", "DQ_ACC")  # descriptors tiled by BLOCK_M; the others (K, V, DK, DV) by BLOCK_N
+_QUERY_SIDE = ("Q", "O", "DO", "DQ")  # descriptors tiled by BLOCK_M; the others (K, V, DK, DV) by BLOCK_N
 
 
-def _prepare_launch(nargs):
-    """Autotune pre-hook, run before every launch (tuning trials included): give each tensor descriptor the
-    tile of the config being run, and zero the fused backward's dQ accumulator, which the launch adds into."""
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: give each tensor descriptor the tile of the config being run."""
     for name, arg in nargs.items():
         if isinstance(arg, TensorDescriptor):
             arg.block_shape = [1, 1, nargs["BLOCK_M" if name in _QUERY_SIDE else "BLOCK_N"], nargs["HEAD_DIM"]]
-    if nargs.get("FUSE_DQ"):
-        nargs["DQ_ACC"].base.zero_()
 
 
 def _configs(tiles, fp32_tile, interpreted):
@@ -43,7 +37,7 @@ def _configs(tiles, fp32_tile, interpreted):
     (_prune picks by dtype); a single small tile under the interpreter."""
     if _INTERPRET:
         tiles, fp32_tile = [], interpreted
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_prepare_launch)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
             for m, n, w, s in [fp32_tile, *tiles]]
 
 
@@ -56,7 +50,6 @@ def _prune(configs, named_args, **kwargs):
 
 _KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "PRECISION"]  # PRECISION tells fp32 inputs from 16-bit ones
 _TUNING = dict(key=_KEY, prune_configs_by={"early_config_prune": _prune})
-_DKDV_TUNING = dict(key=_KEY + ["FUSE_DQ"], prune_configs_by={"early_config_prune": _prune})
 # Forward and dQ own BLOCK_M queries and stream keys (BLOCK_M % BLOCK_N == 0); dK/dV owns BLOCK_N keys and
 # streams queries (BLOCK_N % BLOCK_M == 0), so every range stays aligned to the streamed block.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
@@ -183,16 +176,14 @@ def _attn_bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_dob, s
     tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, **_DKDV_TUNING)
+@triton.autotune(configs=_DKDV_CONFIGS, **_TUNING)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ_PTR, qk_scale, sm_scale, Hq, Hkv, N, N_BUCKET,
-                   WINDOW, GROUP, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   FUSE_DQ: tl.constexpr, TMA_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Hq, Hkv, N, N_BUCKET, WINDOW, GROUP,
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, kv head). A single loop runs over (query head of the group,
     query block) pairs, masking only blocks on the causal diagonal or window edge: one pipelined loop rather
-    than a loop per range keeps K and V from being copied into registers once per loop. FUSE_DQ: also add
-    each pair's dS K into the fp32 dQ accumulator (DQ_ACC by TMA reduce; DQ_PTR's atomics under the
-    interpreter, which has no descriptor reduce)."""
+    than a loop per range keeps K and V from being copied into registers once per loop."""
     bh = tl.program_id(1)
     b = bh // Hkv
     h_kv = bh % Hkv
@@ -228,13 +219,6 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, DQ_PTR, qk_scale, sm
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = (p_t * (dp_t - delta[None, :]) * sm_scale).to(q.dtype)  # dS^T, softmax scale folded in
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, HEAD_DIM) fp32
-            if TMA_REDUCE:  # rows past N are clipped by the descriptor
-                DQ_ACC.atomic_add([b, h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM))
-            else:
-                offs_d = tl.arange(0, HEAD_DIM)
-                tl.atomic_add(DQ_PTR + rows[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=offs_m[:, None] < N)
     DK.store([b, h_kv, start_n, 0], dk.to(k.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
     DV.store([b, h_kv, start_n, 0], dv.to(v.dtype).reshape(1, 1, BLOCK_N, HEAD_DIM))
 
@@ -290,7 +274,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Hq, N, N_BUCKE
 
 
 def _desc(x: torch.Tensor) -> TensorDescriptor:
-    """Descriptor over a (B, H, N, D) tensor; the tile shape is set per config by _prepare_launch."""
+    """Descriptor over a (B, H, N, D) tensor; the tile shape is set per config by _set_block_shapes."""
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, 16, x.shape[3]])
 
 
@@ -318,18 +302,11 @@ def _backward(do, q, k, v, o, lse, causal, window, sm_scale):
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(N, 64), B * Hq)](o, do, delta, *o.stride()[:3], *do.stride()[:3], Hq, N,
                                                   HEAD_DIM=D, BLOCK_M=64)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     common = _common(q, k, causal, window)
-    fuse_dq = not torch.are_deterministic_algorithms_enabled()
-    # fp32 dQ sums of the fused path; _prepare_launch zeroes it before each launch
-    dq_acc = torch.empty((B, Hq, N, D), device=q.device, dtype=torch.float32) if fuse_dq else None
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), B * Hkv)
-    _attn_bwd_dkdv[grid](_desc(q), _desc(k), _desc(v), _desc(do), lse, delta, _desc(dk), _desc(dv),
-                         _desc(dq_acc) if fuse_dq else None, dq_acc if _INTERPRET else None, sm_scale * LOG2E,
-                         sm_scale, Hq, Hkv, FUSE_DQ=fuse_dq, TMA_REDUCE=not _INTERPRET, **common)
-    if fuse_dq:
-        return dq_acc.to(q.dtype), dk, dv
-    dq = torch.empty_like(q)
+    _attn_bwd_dkdv[grid](_desc(q), _desc(k), _desc(v), _desc(do), lse, delta, _desc(dk), _desc(dv), sm_scale * LOG2E,
+                         sm_scale, Hq, Hkv, **common)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]), B * Hq)
     _attn_bwd_dq[grid](_desc(q), _desc(k), _desc(v), _desc(do), lse, delta, _desc(dq), sm_scale * LOG2E, sm_scale,
                        Hq, **common)
