@@ -219,7 +219,8 @@ def profile_step(module, forward, x, grad_y, steps: int = 3) -> None:
         if any(word in e.key for word in ("Synchronize", "Memcpy", "cudaMalloc", "cudaFree")):
             print(f"  runtime: {e.key} x{e.count // steps} per step, {e.cpu_time_total / steps / 1e3:.3f} ms")
     kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA), key=lambda e: -e.device_time_total)
-    print(f"  kernels: {sum(e.device_time_total for e in kernels) / steps / 1e3:.2f} ms per step")
+    print(f"  kernels: {sum(e.device_time_total for e in kernels) / steps / 1e3:.2f} ms per step, "
+          f"{sum(e.count for e in kernels) // steps} launches per step")
     for e in kernels[:16]:
         print(f"  {e.device_time_total / steps / 1e3:7.3f} ms  x{e.count // steps:<3} {e.key[:110]}")
 

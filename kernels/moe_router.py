@@ -146,7 +146,7 @@ class _FusedRouter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, top_k):
         T, E = logits.shape
-        e_pad, block = triton.next_power_of_2(E), _block_tokens(E, 4096)
+        e_pad, block = triton.next_power_of_2(E), _block_tokens(E, 1024)
         num_blocks = triton.cdiv(T, block)
         new = lambda *shape, dtype=torch.float32: torch.empty(shape, dtype=dtype, device=logits.device)  # noqa: E731
         probs, lse, weights, indices = new(T, E), new(T), new(T, top_k), new(T, top_k, dtype=torch.int64)
@@ -159,13 +159,16 @@ class _FusedRouter(torch.autograd.Function):
                                     E_PAD=e_pad, BLOCK_B=max(1, 4096 // e_pad), num_warps=4)
         ctx.save_for_backward(probs, lse, indices, fractions)
         ctx.mark_non_differentiable(indices, stats)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
         return weights, indices, aux, z, stats
 
     @staticmethod
     def backward(ctx, grad_weights, _indices, grad_aux, grad_z, _stats):
         probs, lse, indices, fractions = ctx.saved_tensors
         T, E = probs.shape
-        block = _block_tokens(E, 4096)
+        grad_weights = torch.zeros_like(indices, dtype=probs.dtype) if grad_weights is None else grad_weights
+        grad_aux, grad_z = (torch.zeros_like(lse[0]) if g is None else g for g in (grad_aux, grad_z))
+        block = _block_tokens(E, 1024)
         grad_logits = torch.empty_like(probs)
         _router_backward_kernel[(triton.cdiv(T, block),)](
             probs, lse, indices, grad_weights.contiguous(), fractions, grad_aux, grad_z, grad_logits, T, E,
@@ -275,7 +278,7 @@ class _FusedRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, indices, weights, num_experts, capacity, normalize):
         T, K = indices.shape
-        e_pad, block = triton.next_power_of_2(num_experts), _block_tokens(num_experts, 8192)
+        e_pad, block = triton.next_power_of_2(num_experts), _block_tokens(num_experts, 4096)
         num_blocks = triton.cdiv(T, block)
         new = lambda *shape, dtype=torch.int32: torch.empty(shape, dtype=dtype, device=indices.device)  # noqa: E731
         hist, offsets = new(K * num_blocks, e_pad), new(K * num_blocks, e_pad)
@@ -292,11 +295,14 @@ class _FusedRoute(torch.autograd.Function):
         ctx.save_for_backward(weights, kept)
         ctx.normalize = normalize and K > 1
         ctx.mark_non_differentiable(token_index, row_index, tokens_per_expert, kept, dropped)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
         return token_index, row_index, combine, tokens_per_expert, kept, dropped
 
     @staticmethod
     def backward(ctx, _token_index, _row_index, grad_combine, *_):
         weights, kept = ctx.saved_tensors
+        if grad_combine is None:
+            return None, None, None, None, None
         T, K = weights.shape
         grad_weights = torch.empty_like(weights)
         block = 1024 // triton.next_power_of_2(K)
