@@ -150,7 +150,8 @@ class _FusedRouter(torch.autograd.Function):
         num_blocks = triton.cdiv(T, block)
         new = lambda *shape, dtype=torch.float32: torch.empty(shape, dtype=dtype, device=logits.device)  # noqa: E731
         probs, lse, weights, indices = new(T, E), new(T), new(T, top_k), new(T, top_k, dtype=torch.int64)
-        prob_sums, counts, scalars = new(num_blocks, e_pad), new(num_blocks, e_pad, dtype=torch.int32), new(num_blocks, 3)
+        prob_sums, scalars = new(num_blocks, e_pad), new(num_blocks, 3)  # per block: sum of p; lse^2, entropy, top-1
+        counts = new(num_blocks, e_pad, dtype=torch.int32)
         _router_forward_kernel[(num_blocks,)](logits, probs, lse, weights, indices, prob_sums, counts, scalars, T, E,
                                               K=top_k, BLOCK_T=block, E_PAD=e_pad, num_warps=4)
         fractions, aux, z, stats = new(E), new(), new(), new(2)

@@ -4,7 +4,8 @@ fused_router must equal router.top_k_gating (weights, indices, aux and z losses,
 of logits, x and the router weight, the reference run in float64); fused_route must give route's plan
 bit for bit (integers) with equal combine weights and their gradient. Without CUDA the kernels run under
 TRITON_INTERPRET=1 (tests/conftest.py). Token counts span several blocks and end in a partial one (blocks
-are max(16, 1024 / E_PAD) tokens in the router, max(16, 4096 / E_PAD) in the plan); "skew" piles tokens onto a few experts.
+are max(16, 1024 / E_PAD) tokens in the router, max(16, 4096 / E_PAD) in the plan); "skew" piles tokens
+onto a few experts.
 """
 
 import pytest
@@ -92,7 +93,7 @@ def test_fused_router_gradients_of_x_and_router_weight_equal_float64(T, E, k):
 @pytest.mark.skipif(not CUDA, reason="the bf16 tensor-core router GEMM runs on CUDA only")
 def test_bf16_router_logits_round_only_once():
     """bf16 products are exact in fp32: logits equal the float64 GEMM to fp32 accuracy, and the hi/lo split
-    of d logits keeps d x and d w within one bf16 rounding of float64 (a plain bf16 cast would not)."""
+    of d logits keeps d x and d w within their own final bf16 rounding of the float64 result."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4096, 2048, generator=gen).bfloat16()
     w = (torch.randn(64, 2048, generator=gen) * 0.02).bfloat16()
@@ -102,11 +103,11 @@ def test_bf16_router_logits_round_only_once():
     logits = router_logits(xc, wc)
     assert logits.dtype == torch.float32
     ref = x.double() @ w.double().t()
-    assert ((logits.cpu().double() - ref).norm() / ref.norm()).item() < 1e-6
+    assert ((logits.cpu().double() - ref).norm() / ref.norm()).item() < 1e-5
     logits.backward(grad.cuda())
     for got, exact in ((xc.grad, grad.double() @ w.double()), (wc.grad, grad.double().t() @ x.double())):
         rounding = ((exact.bfloat16().double() - exact).norm() / exact.norm()).item()
-        assert ((got.cpu().double() - exact).norm() / exact.norm()).item() < 1.5 * rounding
+        assert ((got.cpu().double() - exact).norm() / exact.norm()).item() < 1.25 * rounding
 
 
 def routed(T, E, k, skew, seed):

@@ -158,3 +158,29 @@ def test_checkpoint_keys_load_across_implementations():
 def test_deepspeed_impl_rejects_drop_by_probs():
     with pytest.raises(ConfigError, match="moe.drop_policy"):
         build_moe_layer(small_config(impl="deepspeed", drop_policy="probs"), None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused router and routing plan run on CUDA")
+@pytest.mark.parametrize("top_k,dropless", [(2, False), (8, True), (8, False)])
+def test_layer_on_cuda_fused_router_and_plan_equal_the_cpu_path(top_k, dropless):
+    """The CUDA layer (fused router, Triton plan) against the same layer on CPU (PyTorch path), fp32."""
+    torch.manual_seed(top_k)
+    cfg = small_config(top_k=top_k, dropless=dropless, capacity_factor=0.75)
+    cfg.moe.num_experts = 64
+    cpu = MoELayer(cfg, None)
+    gpu = MoELayer(cfg, None).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randn(3, 50, 16, requires_grad=True)
+    xc = x.detach().cuda().requires_grad_()
+    outputs, outputs_gpu = cpu(x), gpu(xc)
+    s, t = cpu.last_stats, gpu.last_stats
+    assert torch.equal(s.tokens_per_expert, t.tokens_per_expert.cpu()) and int(s.dropped) == int(t.dropped)
+    assert dropless or int(s.dropped) > 0
+    torch.testing.assert_close((s.router_entropy_sum, s.top1_prob_sum),
+                               (t.router_entropy_sum.cpu(), t.top1_prob_sum.cpu()))
+    for a, b in zip(outputs, outputs_gpu):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(outputs)), [x, *cpu.parameters()])
+    grads_gpu = torch.autograd.grad(sum(t.sum() * (i + 1) for i, t in enumerate(outputs_gpu)), [xc, *gpu.parameters()])
+    for a, b in zip(grads, grads_gpu):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5)
