@@ -223,6 +223,26 @@ def profile_step(module, forward, x, grad_y, steps: int = 3) -> None:
           f"{sum(e.count for e in kernels) // steps} launches per step")
     for e in kernels[:16]:
         print(f"  {e.device_time_total / steps / 1e3:7.3f} ms  x{e.count // steps:<3} {e.key[:110]}")
+    print_idle_gaps(prof, steps)
+
+
+def print_idle_gaps(prof, steps: int, top: int = 6) -> None:
+    """Device idle time between consecutive GPU activities (kernels, memcpy, memset) of the profiled steps,
+    and the largest gaps with the activity on each side: what the kernel sum leaves out of the step time."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.load(open(f.name))
+    gpu = sorted((e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    gaps = [(b["ts"] - (a["ts"] + a["dur"]), a["name"], b["name"]) for a, b in zip(gpu, gpu[1:])]
+    busy = sum(e["dur"] for e in gpu)
+    idle = sum(g for g, _, _ in gaps if g > 0)
+    print(f"  device busy {busy / steps / 1e3:.2f} ms, idle between activities {idle / steps / 1e3:.2f} ms per step "
+          f"({len(gpu) // steps} activities per step); largest gaps:")
+    for gap, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"    {gap / 1e3:.3f} ms after {before[:60]} -> before {after[:60]}")
 
 
 def bench_gemms(name: str, s: dict) -> list[dict]:
