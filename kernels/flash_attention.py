@@ -33,12 +33,14 @@ def _set_block_shapes(nargs):
 
 
 def _configs(tiles, fp32_tile, interpreted):
-    """Autotune space of (BLOCK_M, BLOCK_N, num_warps, num_stages): the fp32 tile first, then the 16-bit tiles
-    (_prune picks by dtype); a single small tile under the interpreter."""
+    """Autotune space of (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]): the fp32 tile first, then the
+    16-bit tiles (_prune picks by dtype); a single small tile under the interpreter. A register cap lets two
+    CTAs share an SM, so one's softmax runs while the other's matmuls do (ping-pong by occupancy)."""
     if _INTERPRET:
         tiles, fp32_tile = [], interpreted
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=_set_block_shapes)
-            for m, n, w, s in [fp32_tile, *tiles]]
+    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
+                          maxnreg=t[4] if len(t) > 4 else None, pre_hook=_set_block_shapes)
+            for t in [fp32_tile, *tiles]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -53,10 +55,10 @@ _TUNING = dict(key=_KEY, prune_configs_by={"early_config_prune": _prune})
 # Forward and dQ own BLOCK_M queries and stream keys (BLOCK_M % BLOCK_N == 0); dK/dV owns BLOCK_N keys and
 # streams queries (BLOCK_N % BLOCK_M == 0), so every range stays aligned to the streamed block.
 _FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
-                         (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 3)],
+                         (64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 3), (128, 64, 8, 2, 128)],
                         fp32_tile=(64, 32, 4, 2), interpreted=(32, 16, 4, 1))
 _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2),
-                        (128, 32, 4, 3)], fp32_tile=(64, 32, 4, 2), interpreted=(32, 16, 4, 1))
+                        (128, 32, 4, 3), (128, 32, 8, 2)], fp32_tile=(64, 32, 4, 2), interpreted=(32, 16, 4, 1))
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 3), (32, 64, 8, 3),
                           (32, 64, 4, 3), (32, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
                          fp32_tile=(16, 32, 4, 2), interpreted=(16, 32, 4, 1))
