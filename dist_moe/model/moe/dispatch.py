@@ -12,8 +12,8 @@ drop decision therefore does not depend on how experts are spread over ranks.
 `route` gives every one of the k*T assignments a row, kept ones first (by expert), dropped ones after
 them, so every size is static and nothing waits on the host: this is the single-GPU hot path. On CUDA,
 drop_policy="position" runs as three Triton kernels (`kernels/moe_router.py: fused_route`), which must
-give the same plan as the PyTorch code below bit for bit. `dispatch`
-is the compacted view (kept rows only, as the all-to-all sends them); its row count costs one host sync.
+give the same plan as the PyTorch code below bit for bit. `dispatch` is the compacted view (kept rows
+only, as the all-to-all sends them); its row count costs one host sync.
 """
 
 from __future__ import annotations
