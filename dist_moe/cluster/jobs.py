@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from dist_moe import config
+from dist_moe.cluster.trainer import WORKER_ENV
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = ["runs/", ".venv/", ".git/", "__pycache__/"]  # never uploaded with the working dir
@@ -106,7 +107,7 @@ def entrypoint(preset_ref: Optional[str], overrides: list[str]) -> str:
 
 
 def runtime_env(working_dir: Path) -> dict:
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(WORKER_ENV)}
 
 
 def is_local_preset(preset: Optional[str]) -> bool:

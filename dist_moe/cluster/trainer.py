@@ -14,6 +14,10 @@ from pathlib import Path
 
 from dist_moe.config import Config, to_yaml
 
+# Ray Train (2.60) patches print() in its workers to log each line as well as write it, and Ray forwards
+# both to the driver: every worker line came out twice. Turned off for the workers we start.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 
 def _worker(loop_config: dict) -> None:
     import ray.train
@@ -32,12 +36,12 @@ def init_ray(address: str) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address)
-    elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray job: RAY_ADDRESS names the job's cluster
-        ray.init()
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+    elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray job (its runtime_env sets WORKER_ENV):
+        ray.init()  # RAY_ADDRESS names the job's cluster
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                 num_cpus=os.cpu_count())
+                 num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV})
 
 
 def train_on_ray(cfg: Config) -> int:

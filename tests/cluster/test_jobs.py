@@ -51,6 +51,7 @@ def test_runtime_env_uploads_the_working_dir_without_runs_venv_git(tmp_path):
     env = jobs.runtime_env(tmp_path)
     assert env["working_dir"] == str(tmp_path)
     assert {"runs/", ".venv/", ".git/"} <= set(env["excludes"])
+    assert env["env_vars"] == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # worker prints are not doubled
 
 
 def test_shipped_preset_is_passed_by_name_and_nothing_is_staged(tmp_path):
