@@ -119,6 +119,19 @@ def test_unaligned_inputs_match_reference():
         _assert_close(name, g, r, TOLERANCE[F32])
 
 
+def test_a_late_dominant_key_rescales_the_running_sum():
+    """A key far past the first key block whose score beats the earlier ones by ~200 (base 2) must get the
+    whole softmax: the running sums are rescaled when a row's max grows (unscaled, 2^200 overflows fp32)."""
+    q, k, v, do = _inputs(1, 2, 1, 300, 32, F32, seed=9)
+    k[:, :, 200] = 40.0 * q[:, 0, 200] / q[:, 0, 200].norm()  # query 200 of head 0 now prefers key 200 by far
+    q[:, 0, 200] *= 4.0
+    got = _run(fa.flash_attention, q, k, v, do, causal=False)
+    ref = _run(fa.attention_reference, q.double(), k.double(), v.double(), do, causal=False)
+    assert ref[0][0, 0, 200].sub(v[0, 0, 200].double()).abs().max() < 1e-3  # the softmax is all on key 200
+    for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        _assert_close(name, g, r, TOLERANCE[F32])
+
+
 def test_window_wider_than_sequence_equals_causal():
     q, k, v, _ = _inputs(1, 2, 1, 40, 32, F32, seed=5)
     causal = fa.flash_attention(q, k, v, causal=True)
