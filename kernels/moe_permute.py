@@ -6,8 +6,9 @@ where the choice was dropped. Both directions are then gathers over a token's k 
     combine(rows, row_index, weights)  = sum_j weights[t, j] * rows[row_index[t, j]]   (T, D)
 `gather_sum` is the one kernel of both: one program per (token, D block) reads the token's kept rows and
 accumulates in fp32, so the combine never materialises (T, k, D) and the backward of the permutation needs
-no atomic adds; it also sums two row buffers in the same pass (the expert MLP's two input-gradient halves). `combine_backward` writes each kept row's gradient exactly once and the weight gradients
-(dot products) in the same pass. Rows that no kept choice points to (dropped ones) are never read.
+no atomic adds; it also sums two row buffers in the same pass (the expert MLP's two input-gradient
+halves). `combine_backward` writes each kept row's gradient exactly once and the weight gradients (dot
+products) in the same pass. Rows that no kept choice points to (dropped ones) are never read.
 The PyTorch functions `_gather_sum_torch` / `_combine_backward_torch` are what the kernels must equal.
 """
 
