@@ -7,10 +7,10 @@ expert after expert (the per-expert tile counts are prefix-summed on the device)
 worst case lets the spare programs exit. Rows past offsets[-1] are not written. Forward only: it exists to
 be measured against torch._grouped_mm (bench/moe_layer.py), the faster one runs in the layer.
 
-`swiglu(h1, h3)` = silu(h1) * h3 and `swiglu_backward(h1, h3, grad)` -> (silu(h1) * h3, d/dh1, d/dh3): one
-pass each, in fp32 registers, so the expert MLP saves only h1 and h3 and recomputes the product in the
-backward. The backward may write its outputs over its inputs (in_place=True): the MLP's backward does,
-which keeps its peak at three (rows, F) buffers.
+`swiglu(h13)` = silu(h1) * h3 for h13 = [h1 | h3] (the output of one GEMM against [w1 | w3]) and
+`swiglu_backward(h13, grad)` -> (silu(h1) * h3, [d/dh1 | d/dh3]): one pass each, in fp32 registers, so the
+expert MLP saves only h13 and recomputes the product in the backward. The backward may write its outputs
+over its inputs (in_place=True): the MLP's backward does, which keeps its peak at three (rows, F) buffers.
 """
 
 from __future__ import annotations
@@ -92,52 +92,68 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 
 
 @triton.jit
-def _swiglu_kernel(H1, H3, OUT, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    h1 = tl.load(H1 + offs, mask=mask, other=0.0).to(tl.float32)
-    h3 = tl.load(H3 + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_tile(H13, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """This program's (BLOCK_R, BLOCK_F) tile: its offsets in an (rows, F) buffer and in the (rows, 2F) buffer
+    [h1 | h3], its mask, and its h1, h3 in fp32."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = (r[:, None] < rows) & (c[None, :] < F)
+    offs13 = r[:, None] * (2 * F) + c[None, :]
+    h1 = tl.load(H13 + offs13, mask=mask, other=0.0).to(tl.float32)
+    h3 = tl.load(H13 + offs13 + F, mask=mask, other=0.0).to(tl.float32)
+    return r[:, None] * F + c[None, :], offs13, mask, h1, h3
+
+
+@triton.jit
+def _swiglu_kernel(H13, OUT, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    offs, _, mask, h1, h3 = _swiglu_tile(H13, rows, F, BLOCK_R, BLOCK_F)
     tl.store(OUT + offs, (h1 * tl.sigmoid(h1) * h3).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_kernel(H1, H3, GRAD, OUT, GRAD_H1, GRAD_H3, numel, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    h1 = tl.load(H1 + offs, mask=mask, other=0.0).to(tl.float32)
-    h3 = tl.load(H3 + offs, mask=mask, other=0.0).to(tl.float32)
+def _swiglu_backward_kernel(H13, GRAD, OUT, GRAD_H13, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    offs, offs13, mask, h1, h3 = _swiglu_tile(H13, rows, F, BLOCK_R, BLOCK_F)
     grad = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(h1)
     silu = h1 * sig
     tl.store(OUT + offs, (silu * h3).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(GRAD_H1 + offs, (grad * h3 * sig * (1.0 + h1 * (1.0 - sig))).to(GRAD_H1.dtype.element_ty), mask=mask)
-    tl.store(GRAD_H3 + offs, (grad * silu).to(GRAD_H3.dtype.element_ty), mask=mask)
+    tl.store(GRAD_H13 + offs13, (grad * h3 * sig * (1.0 + h1 * (1.0 - sig))).to(GRAD_H13.dtype.element_ty),
+             mask=mask)
+    tl.store(GRAD_H13 + offs13 + F, (grad * silu).to(GRAD_H13.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_BLOCK = 1024
+def _swiglu_grid(h13: torch.Tensor, block_r: int, block_f: int) -> tuple[int, int]:
+    return triton.cdiv(h13.shape[0], block_r), triton.cdiv(h13.shape[1] // 2, block_f)
 
 
-def swiglu(h1: torch.Tensor, h3: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    """silu(h1) * h3 for contiguous h1, h3 of one shape, computed in fp32 (or wider) and returned in h1's dtype."""
+_BLOCK_R, _BLOCK_F = 8, 128  # 1024 elements a program, 128 contiguous columns a row
+
+
+def swiglu(h13: torch.Tensor, use_triton: bool) -> torch.Tensor:
+    """silu(h1) * h3 (rows, F) for h13 = [h1 | h3] (rows, 2F) contiguous, computed in fp32 (or wider) and
+    returned in h13's dtype."""
     if not use_triton:
+        h1, h3 = h13.chunk(2, dim=1)
         h1w = h1.to(torch.promote_types(h1.dtype, torch.float32))
         return (h1w * torch.sigmoid(h1w) * h3).to(h1.dtype)  # the backward's recompute, operation for operation
-    out = torch.empty_like(h1)
-    _swiglu_kernel[(triton.cdiv(h1.numel(), _SWIGLU_BLOCK),)](h1, h3, out, h1.numel(), BLOCK=_SWIGLU_BLOCK,
-                                                              num_warps=4)
+    out = h13.new_empty(h13.shape[0], h13.shape[1] // 2)
+    _swiglu_kernel[_swiglu_grid(h13, _BLOCK_R, _BLOCK_F)](h13, out, h13.shape[0], out.shape[1], BLOCK_R=_BLOCK_R,
+                                                           BLOCK_F=_BLOCK_F, num_warps=4)
     return out
 
 
-def swiglu_backward(h1: torch.Tensor, h3: torch.Tensor, grad: torch.Tensor, use_triton: bool, in_place: bool = False):
-    """(silu(h1) * h3, grad * d/dh1, grad * d/dh3). in_place (Triton only) writes them over grad, h1, h3."""
+def swiglu_backward(h13: torch.Tensor, grad: torch.Tensor, use_triton: bool, in_place: bool = False):
+    """(silu(h1) * h3, [grad * d/dh1 | grad * d/dh3]) for h13 = [h1 | h3] (rows, 2F), grad (rows, F).
+    in_place (Triton only) writes them over grad and h13."""
     if not use_triton:
-        wide = torch.promote_types(h1.dtype, torch.float32)
-        h1w, h3w, gradw = h1.to(wide), h3.to(wide), grad.to(wide)
+        wide = torch.promote_types(h13.dtype, torch.float32)
+        h1w, h3w = h13.to(wide).chunk(2, dim=1)
+        gradw = grad.to(wide)
         sig = torch.sigmoid(h1w)
         silu = h1w * sig
-        return ((silu * h3w).to(h1.dtype), (gradw * h3w * sig * (1 + h1w * (1 - sig))).to(h1.dtype),
-                (gradw * silu).to(h1.dtype))
-    out, grad_h1, grad_h3 = (grad, h1, h3) if in_place else (torch.empty_like(h1) for _ in range(3))
-    _swiglu_backward_kernel[(triton.cdiv(h1.numel(), _SWIGLU_BLOCK),)](
-        h1, h3, grad, out, grad_h1, grad_h3, h1.numel(), BLOCK=_SWIGLU_BLOCK, num_warps=4)
-    return out, grad_h1, grad_h3
+        grad_h13 = torch.cat([gradw * h3w * sig * (1 + h1w * (1 - sig)), gradw * silu], dim=1)
+        return (silu * h3w).to(h13.dtype), grad_h13.to(h13.dtype)
+    out, grad_h13 = (grad, h13) if in_place else (torch.empty_like(grad), torch.empty_like(h13))
+    _swiglu_backward_kernel[_swiglu_grid(h13, _BLOCK_R, _BLOCK_F)](
+        h13, grad, out, grad_h13, h13.shape[0], grad.shape[1], BLOCK_R=_BLOCK_R, BLOCK_F=_BLOCK_F, num_warps=4)
+    return out, grad_h13

@@ -6,8 +6,7 @@ where the choice was dropped. Both directions are then gathers over a token's k 
     combine(rows, row_index, weights)  = sum_j weights[t, j] * rows[row_index[t, j]]   (T, D)
 `gather_sum` is the one kernel of both: one program per (token, D block) reads the token's kept rows and
 accumulates in fp32, so the combine never materialises (T, k, D) and the backward of the permutation needs
-no atomic adds; it also sums two row buffers in the same pass (the expert MLP's two input-gradient
-halves). `combine_backward` writes each kept row's gradient exactly once and the weight gradients (dot
+no atomic adds. `combine_backward` writes each kept row's gradient exactly once and the weight gradients (dot
 products) in the same pass. Rows that no kept choice points to (dropped ones) are never read.
 The PyTorch functions `_gather_sum_torch` / `_combine_backward_torch` are what the kernels must equal.
 """
@@ -24,8 +23,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _gather_sum_kernel(ROWS, ROWS2, ROW_INDEX, WEIGHTS, OUT, D, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
-                       HAS_ROWS2: tl.constexpr, BLOCK_D: tl.constexpr):
+def _gather_sum_kernel(ROWS, ROW_INDEX, WEIGHTS, OUT, D, K: tl.constexpr, HAS_WEIGHTS: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -34,8 +33,6 @@ def _gather_sum_kernel(ROWS, ROWS2, ROW_INDEX, WEIGHTS, OUT, D, K: tl.constexpr,
         row = tl.load(ROW_INDEX + t * K + j).to(tl.int64)
         if row >= 0:
             value = tl.load(ROWS + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ROWS2:
-                value += tl.load(ROWS2 + row * D + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_WEIGHTS:
                 value = value * tl.load(WEIGHTS + t * K + j).to(tl.float32)
             acc += value
@@ -66,33 +63,32 @@ def _block_d(D: int) -> int:
     return min(triton.next_power_of_2(D), 1024)
 
 
-def _gather_sum_triton(rows: tuple[torch.Tensor, ...], row_index: torch.Tensor, weights: Optional[torch.Tensor],
+def _gather_sum_triton(rows: torch.Tensor, row_index: torch.Tensor, weights: Optional[torch.Tensor],
                        num_tokens: int) -> torch.Tensor:
-    D, K = rows[0].shape[1], row_index.shape[1]
-    out = rows[0].new_empty(num_tokens, D)
+    D, K = rows.shape[1], row_index.shape[1]
+    out = rows.new_empty(num_tokens, D)
     block = _block_d(D)
     _gather_sum_kernel[(num_tokens, triton.cdiv(D, block))](
-        rows[0], rows[-1], row_index, weights if weights is not None else row_index, out, D, K=K,
-        HAS_WEIGHTS=weights is not None, HAS_ROWS2=len(rows) == 2, BLOCK_D=block, num_warps=4)
+        rows, row_index, weights if weights is not None else row_index, out, D, K=K,
+        HAS_WEIGHTS=weights is not None, BLOCK_D=block, num_warps=4)
     return out
 
 
-def _gather_sum_torch(rows: tuple[torch.Tensor, ...], row_index: torch.Tensor, weights: Optional[torch.Tensor],
+def _gather_sum_torch(rows: torch.Tensor, row_index: torch.Tensor, weights: Optional[torch.Tensor],
                       num_tokens: int) -> torch.Tensor:
-    acc_dtype = torch.promote_types(rows[0].dtype, torch.float32)
-    picked = sum(r[row_index.clamp(min=0)].to(acc_dtype) for r in rows)  # (T, k, D)
+    acc_dtype = torch.promote_types(rows.dtype, torch.float32)
+    picked = rows[row_index.clamp(min=0)].to(acc_dtype)  # (T, k, D)
     if weights is not None:
         picked = picked * weights[..., None].to(acc_dtype)
     picked = torch.where((row_index >= 0)[..., None], picked, 0)  # where, not *: unread rows may hold NaN
-    return picked.sum(1).to(rows[0].dtype)
+    return picked.sum(1).to(rows.dtype)
 
 
-def gather_sum(rows: tuple[torch.Tensor, ...], row_index: torch.Tensor, use_triton: Optional[bool] = None) -> torch.Tensor:
-    """(T, D): out[t] = sum over kept j of (rows[0] + rows[1])[row_index[t, j]], summed in fp32, for one or
-    two (R, D) row buffers: the backward of the permutation, also of two partial row gradients at once."""
-    rows = tuple(r.contiguous() for r in rows)
-    gather = _gather_sum_triton if _use_triton(rows[0], use_triton) else _gather_sum_torch
-    return gather(rows, row_index.contiguous(), None, row_index.shape[0])
+def gather_sum(rows: torch.Tensor, row_index: torch.Tensor, use_triton: Optional[bool] = None) -> torch.Tensor:
+    """(T, D): out[t] = sum over kept j of rows[row_index[t, j]] for rows (R, D), summed in fp32: the backward
+    of the permutation (also called by the expert MLP, which gathers its own rows)."""
+    gather = _gather_sum_triton if _use_triton(rows, use_triton) else _gather_sum_torch
+    return gather(rows.contiguous(), row_index.contiguous(), None, row_index.shape[0])
 
 
 def _combine_backward_triton(grad_y, rows, row_index, weights):
@@ -132,7 +128,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (row_index,) = ctx.saved_tensors
-        return gather_sum((grad_rows,), row_index, ctx.use_triton), None, None, None
+        return gather_sum(grad_rows, row_index, ctx.use_triton), None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -142,7 +138,7 @@ class _Combine(torch.autograd.Function):
         ctx.save_for_backward(rows, row_index, weights)
         ctx.use_triton = use_triton
         gather = _gather_sum_triton if use_triton else _gather_sum_torch
-        return gather((rows,), row_index, weights, row_index.shape[0])
+        return gather(rows, row_index, weights, row_index.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y):

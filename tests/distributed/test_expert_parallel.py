@@ -219,8 +219,9 @@ def check_checkpoint_has_one_file_per_global_expert(rank, engine, ckpt_dir):
     dist.barrier()
     files = [torch.load(os.path.join(ckpt_dir, "t", f"layer_0_expert_{e}_mp_rank_00_model_states.pt"))
              for e in range(8)]
-    experts = {name: torch.stack([files[e][f"moe.deepspeed_moe.experts.deepspeed_experts.{e}.{name}.weight"].t()
-                                  for e in range(8)]) for name in ("w1", "w2", "w3")}  # (E, in, out)
+    linear = {name: torch.stack([files[e][f"moe.deepspeed_moe.experts.deepspeed_experts.{e}.{name}.weight"].t()
+                                 for e in range(8)]) for name in ("w1", "w2", "w3")}  # (E, in, out)
+    experts = {"w13": torch.cat([linear["w1"], linear["w3"]], dim=2), "w2": linear["w2"]}  # SwiGLUExperts' layout
     dense = torch.load(os.path.join(ckpt_dir, "t", "mp_rank_00_model_states.pt"), weights_only=False)["module"]
     assert "moe.deepspeed_moe.gate.wg.weight" in dense and not any("deepspeed_experts" in k for k in dense)
     saved = {n: p.detach().clone() for n, p in engine.module.named_parameters()}

@@ -1,11 +1,13 @@
 """SwiGLU experts stored as stacked weights, computed on expert-ordered rows by per-expert GEMMs.
 
-`SwiGLUExperts` holds this rank's E_local experts (w1, w3: (E_local, D, F); w2: (E_local, F, D)) and runs
-them on rows already sorted by expert: one GEMM per contiguous segment, through `torch._grouped_mm` on CUDA
-(bf16, aligned shapes: one launch, no host sync) and a loop over local experts elsewhere. Rows past the
-last segment (a routing plan's dropped assignments) are not computed. The backward is written out
-(`_SwiGLUMLP`): it saves x, h1 = x w1 and h3 = x w3 only, recomputes silu(h1) * h3 with the gradients in
-one pass, and writes those over h1 and h3, so the MLP holds at most three (rows, F) buffers at once.
+`SwiGLUExperts` holds this rank's E_local experts (w13 = [w1 | w3]: (E_local, D, 2F); w2: (E_local, F, D))
+and runs them on rows already sorted by expert: one GEMM per contiguous segment, through `torch._grouped_mm`
+on CUDA (bf16, aligned shapes: one launch, no host sync) and a loop over local experts elsewhere. Rows past
+the last segment (a routing plan's dropped assignments) are not computed. Gate and up projection share one
+GEMM (twice as wide, so better shaped for narrow experts), and so does their input gradient, whose two
+halves the GEMM sums over K = 2F. The backward is written out (`_SwiGLUMLP`): it saves x and h13 = x w13
+only, recomputes silu(h1) * h3 with the gradients in one pass, and writes those over h13, so the MLP holds at
+most three (rows, F) buffers at once. Checkpoints keep DeepSpeed's separate w1 / w3 (layer.py splits them).
 Expert parameters carry DeepSpeed's MoE marks (`allreduce=False`, `group_name`) so ZeRO reduces them over
 the expert-data-parallel group only.
 """
@@ -73,30 +75,29 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
 
 class _SwiGLUMLP(torch.autograd.Function):
     """y = (silu(x w1) * (x w3)) w2 per expert segment, with the lean backward described above. Given
-    (token_index, row_index), x holds tokens and the rows are x[token_index]: the backward then sums the two
-    input-gradient halves straight into the tokens (one gather, no (R, D) add)."""
+    (token_index, row_index), x holds tokens and the rows are x[token_index]: the backward then sums the
+    rows' gradients straight into the tokens (one gather)."""
 
     @staticmethod
-    def forward(ctx, x, w1, w3, w2, tokens_per_expert, token_index, row_index):
+    def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index):
         use_triton = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         rows = x if token_index is None else x.index_select(0, token_index)  # (R, D)
-        h1, h3 = grouped_mm(rows, w1, tokens_per_expert), grouped_mm(rows, w3, tokens_per_expert)  # (R, F)
-        ctx.save_for_backward(rows, w1, w3, w2, h1, h3, tokens_per_expert, row_index)
+        h13 = grouped_mm(rows, w13, tokens_per_expert)  # (R, 2F) = [x w1 | x w3]
+        ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, row_index)
         ctx.use_triton = use_triton
-        return grouped_mm(swiglu(h1, h3, use_triton), w2, tokens_per_expert)  # (R, D)
+        return grouped_mm(swiglu(h13, use_triton), w2, tokens_per_expert)  # (R, D)
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows, w1, w3, w2, h1, h3, counts, row_index = ctx.saved_tensors
+        rows, w13, w2, h13, counts, row_index = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_hidden = grouped_mm(grad_y, w2.transpose(1, 2), counts)  # (R, F)
-        hidden, grad_h1, grad_h3 = swiglu_backward(h1, h3, grad_hidden, ctx.use_triton, in_place=ctx.use_triton)
+        hidden, grad_h13 = swiglu_backward(h13, grad_hidden, ctx.use_triton, in_place=ctx.use_triton)
         grad_w2 = grouped_mm_weight_grad(hidden, grad_y, counts)
-        grad_rows = (grouped_mm(grad_h1, w1.transpose(1, 2), counts), grouped_mm(grad_h3, w3.transpose(1, 2), counts))
-        grad_x = grad_rows[0] + grad_rows[1] if row_index is None else gather_sum(grad_rows, row_index, ctx.use_triton)
-        grad_w1 = grouped_mm_weight_grad(rows, grad_h1, counts)
-        grad_w3 = grouped_mm_weight_grad(rows, grad_h3, counts)
-        return grad_x, grad_w1, grad_w3, grad_w2, None, None, None
+        grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts)  # (R, D), both halves summed over K = 2F
+        grad_x = grad_rows if row_index is None else gather_sum(grad_rows, row_index, ctx.use_triton)
+        grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
+        return grad_x, grad_w13, grad_w2, None, None, None
 
 
 class SwiGLUExperts(nn.Module):
@@ -111,8 +112,7 @@ class SwiGLUExperts(nn.Module):
                  ep_size: int):
         super().__init__()
         self.num_experts, self.first_expert = num_experts, first_expert
-        self.w1 = nn.Parameter(torch.empty(num_local_experts, d_model, d_ff))
-        self.w3 = nn.Parameter(torch.empty(num_local_experts, d_model, d_ff))
+        self.w13 = nn.Parameter(torch.empty(num_local_experts, d_model, 2 * d_ff))  # [w1 (gate) | w3 (up)]
         self.w2 = nn.Parameter(torch.empty(num_local_experts, d_ff, d_model))
         for p in self.parameters():  # DeepSpeed's convention (deepspeed/moe/experts.py)
             p.allreduce = False
@@ -120,13 +120,17 @@ class SwiGLUExperts(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:
-        local = range(self.first_expert, self.first_expert + self.w1.shape[0])
-        for e, w1, w3, w2 in expert_init(self.num_experts, self.w1.shape[1], self.w1.shape[2], std):
+        local = range(self.first_expert, self.first_expert + self.w13.shape[0])
+        for e, w1, w3, w2 in expert_init(self.num_experts, self.w2.shape[2], self.w2.shape[1], std):
             if e in local:
                 i = e - self.first_expert
-                self.w1[i].copy_(w1), self.w3[i].copy_(w3), self.w2[i].copy_(w2)
+                self.w13[i].copy_(torch.cat([w1, w3], dim=1)), self.w2[i].copy_(w2)
+
+    def w1_w3(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w1, w3), each (E_local, D, F): views of w13."""
+        return self.w13.chunk(2, dim=2)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 permutation: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         token_index, row_index = permutation if permutation is not None else (None, None)
-        return _SwiGLUMLP.apply(x, self.w1, self.w3, self.w2, tokens_per_expert, token_index, row_index)  # (R, D)
+        return _SwiGLUMLP.apply(x, self.w13, self.w2, tokens_per_expert, token_index, row_index)  # (R, D)

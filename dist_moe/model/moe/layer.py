@@ -136,8 +136,9 @@ class MoELayer(ExpertParallelModule):
 def _to_deepspeed_keys(module: MoELayer, state_dict: dict, prefix: str, local_metadata) -> None:
     """Save stacked experts as DeepSpeed's per-expert nn.Linear weights (what save_checkpoint expects)."""
     state_dict[prefix + GATE_KEY] = state_dict.pop(prefix + "router.weight")
-    for name in ("w1", "w2", "w3"):
-        stacked = state_dict.pop(prefix + f"experts.{name}")  # (E_local, in, out)
+    w1, w3 = state_dict.pop(prefix + "experts.w13").chunk(2, dim=2)
+    stacks = {"w1": w1, "w2": state_dict.pop(prefix + "experts.w2"), "w3": w3}  # (E_local, in, out)
+    for name, stacked in stacks.items():
         for i in range(stacked.shape[0]):
             state_dict[prefix + EXPERT_KEY.format(i, name)] = stacked[i].t()  # nn.Linear layout (out, in)
 
@@ -146,9 +147,10 @@ def _from_deepspeed_keys(module: MoELayer, state_dict: dict, prefix: str, *args)
     if prefix + GATE_KEY not in state_dict:
         return
     state_dict[prefix + "router.weight"] = state_dict.pop(prefix + GATE_KEY)
-    for name in ("w1", "w2", "w3"):
-        experts = [state_dict.pop(prefix + EXPERT_KEY.format(i, name)).t() for i in range(module.num_local_experts)]
-        state_dict[prefix + f"experts.{name}"] = torch.stack(experts)
+    stacks = {name: torch.stack([state_dict.pop(prefix + EXPERT_KEY.format(i, name)).t()
+                                 for i in range(module.num_local_experts)]) for name in ("w1", "w2", "w3")}
+    state_dict[prefix + "experts.w13"] = torch.cat([stacks["w1"], stacks["w3"]], dim=2)
+    state_dict[prefix + "experts.w2"] = stacks["w2"]
 
 
 class DeepSpeedMoE(MoE):

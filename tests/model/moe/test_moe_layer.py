@@ -27,7 +27,7 @@ def reference(layer: MoELayer, x: torch.Tensor, capacity):
         lin.weight.t() for lin in (layer.shared_mlp.w1, layer.shared_mlp.w3, layer.shared_mlp.w2))
     m = layer.cfg.moe
     e = layer.experts
-    return naive_moe(x, layer.router.weight, e.w1, e.w3, e.w2, m.top_k, capacity, m.drop_policy,
+    return naive_moe(x, layer.router.weight, *e.w1_w3(), e.w2, m.top_k, capacity, m.drop_policy,
                      m.normalize_weights, shared)
 
 
@@ -88,7 +88,7 @@ def test_expert_that_receives_no_tokens_gets_zero_gradient():
     assert layer.last_stats.tokens_per_expert[3] == 0
     torch.testing.assert_close(y.view(-1, 16), reference(layer, x.view(-1, 16), None)[0])
     (y.sum() + aux + z).backward()
-    for w in (layer.experts.w1, layer.experts.w3, layer.experts.w2):
+    for w in (layer.experts.w13, layer.experts.w2):
         assert torch.count_nonzero(w.grad[3]) == 0 and torch.count_nonzero(w.grad[0]) > 0
 
 
