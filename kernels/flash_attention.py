@@ -115,21 +115,16 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, b, h_kv, offs_m, lo, hi, N, WINDOW, 
             offs_n = start_n + tl.arange(0, BLOCK_N)
             qk = tl.where(_visible(offs_m, offs_n, N, WINDOW, CAUSAL), qk * qk_scale, -1.0e30)
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_ij[:, None])
-            alpha = tl.math.exp2(m_i - m_ij)
-            acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_ij
+            qk -= m_ij[:, None]
         else:
-            # lazy rescaling (FlashAttention-4): keep a stale row max unless some row's grew past 2^8, so most
-            # blocks skip the (BLOCK_M, HEAD_DIM) multiply; p <= 2^8 is exact enough, and O and the LSE use
-            # the same max as l, so the result is unchanged
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if tl.max(m_ij - m_i, 0) > 8.0:
-                alpha = tl.math.exp2(m_i - m_ij)
-                acc, l_i, m_i = acc * alpha[:, None], l_i * alpha, m_ij
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-        l_i += tl.sum(p, 1)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(V, b, h_kv, start_n, BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_ij
     return acc, l_i, m_i
 
 
