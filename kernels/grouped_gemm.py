@@ -7,15 +7,18 @@ expert after expert (the per-expert tile counts are prefix-summed on the device)
 worst case lets the spare programs exit. Rows past offsets[-1] are not written. Forward only: it exists to
 be measured against torch._grouped_mm (bench/moe_layer.py), the faster one runs in the layer.
 
-`swiglu(h13)` = silu(h1) * h3 for h13 = [h1 | h3] (the output of one GEMM against [w1 | w3]) and
-`swiglu_backward(h13, grad)` -> (silu(h1) * h3, [d/dh1 | d/dh3]): one pass each, in fp32 registers, so the
-expert MLP saves only h13 and recomputes the product in the backward. The backward may write its outputs
-over its inputs (in_place=True): the MLP's backward does, which keeps its peak at three (rows, F) buffers.
+`swiglu(h13, row_weight)` = row_weight * silu(h1) * h3 for h13 = [h1 | h3] (the output of one GEMM against
+[w1 | w3]); the optional row weight is the gate weight, applied here rather than to the expert's output so
+the combine needs no saved output rows. `swiglu_backward` returns the recomputed product, [d/dh1 | d/dh3]
+and the row weights' gradient: one pass each, in fp32 registers, so the expert MLP saves only h13. The
+backward may write over its inputs (in_place=True): the MLP's does, which keeps its peak at three (rows, F)
+buffers.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -92,11 +95,9 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
 
 
 @triton.jit
-def _swiglu_tile(H13, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    """This program's (BLOCK_R, BLOCK_F) tile: its offsets in an (rows, F) buffer and in the (rows, 2F) buffer
-    [h1 | h3], its mask, and its h1, h3 in fp32."""
-    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+def _swiglu_tile(H13, r, c, rows, F):
+    """Rows r (int64) x columns c: their offsets in an (rows, F) buffer and in the (rows, 2F) buffer [h1 | h3],
+    the mask, and h1, h3 in fp32."""
     mask = (r[:, None] < rows) & (c[None, :] < F)
     offs13 = r[:, None] * (2 * F) + c[None, :]
     h1 = tl.load(H13 + offs13, mask=mask, other=0.0).to(tl.float32)
@@ -105,55 +106,80 @@ def _swiglu_tile(H13, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
 
 
 @triton.jit
-def _swiglu_kernel(H13, OUT, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    offs, _, mask, h1, h3 = _swiglu_tile(H13, rows, F, BLOCK_R, BLOCK_F)
-    tl.store(OUT + offs, (h1 * tl.sigmoid(h1) * h3).to(OUT.dtype.element_ty), mask=mask)
+def _swiglu_kernel(H13, ROW_WEIGHT, OUT, rows, F, WEIGHTED: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_F: tl.constexpr):
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs, _, mask, h1, h3 = _swiglu_tile(H13, r, c, rows, F)
+    out = h1 * tl.sigmoid(h1) * h3
+    if WEIGHTED:
+        out = out * tl.load(ROW_WEIGHT + r, mask=r < rows, other=0.0)[:, None]
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _swiglu_backward_kernel(H13, GRAD, OUT, GRAD_H13, rows, F, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    offs, offs13, mask, h1, h3 = _swiglu_tile(H13, rows, F, BLOCK_R, BLOCK_F)
-    grad = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(h1)
-    silu = h1 * sig
-    tl.store(OUT + offs, (silu * h3).to(OUT.dtype.element_ty), mask=mask)
-    tl.store(GRAD_H13 + offs13, (grad * h3 * sig * (1.0 + h1 * (1.0 - sig))).to(GRAD_H13.dtype.element_ty),
-             mask=mask)
-    tl.store(GRAD_H13 + offs13 + F, (grad * silu).to(GRAD_H13.dtype.element_ty), mask=mask)
+def _swiglu_backward_kernel(H13, ROW_WEIGHT, GRAD, OUT, GRAD_H13, GRAD_ROW_WEIGHT, rows, F, WEIGHTED: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    """One program: BLOCK_R whole rows, so the weighted form can sum each row's weight gradient."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    if WEIGHTED:
+        weight = tl.load(ROW_WEIGHT + r, mask=r < rows, other=0.0)[:, None]
+    grad_weight = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(0, F, BLOCK_F):
+        offs, offs13, mask, h1, h3 = _swiglu_tile(H13, r, start + tl.arange(0, BLOCK_F), rows, F)
+        grad = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(h1)
+        silu = h1 * sig
+        hidden = silu * h3
+        if WEIGHTED:
+            grad_weight += tl.sum(grad * hidden, 1)
+            hidden = hidden * weight
+            grad = grad * weight
+        tl.store(OUT + offs, hidden.to(OUT.dtype.element_ty), mask=mask)
+        tl.store(GRAD_H13 + offs13, (grad * h3 * sig * (1.0 + h1 * (1.0 - sig))).to(GRAD_H13.dtype.element_ty),
+                 mask=mask)
+        tl.store(GRAD_H13 + offs13 + F, (grad * silu).to(GRAD_H13.dtype.element_ty), mask=mask)
+    if WEIGHTED:
+        tl.store(GRAD_ROW_WEIGHT + r, grad_weight, mask=r < rows)
 
 
-def _swiglu_grid(h13: torch.Tensor, block_r: int, block_f: int) -> tuple[int, int]:
-    return triton.cdiv(h13.shape[0], block_r), triton.cdiv(h13.shape[1] // 2, block_f)
+_BLOCK_R, _BLOCK_F = 8, 128  # 1024 elements a tile, 128 contiguous columns a row
 
 
-_BLOCK_R, _BLOCK_F = 8, 128  # 1024 elements a program, 128 contiguous columns a row
-
-
-def swiglu(h13: torch.Tensor, use_triton: bool) -> torch.Tensor:
-    """silu(h1) * h3 (rows, F) for h13 = [h1 | h3] (rows, 2F) contiguous, computed in fp32 (or wider) and
-    returned in h13's dtype."""
+def swiglu(h13: torch.Tensor, use_triton: bool, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(h1) * h3 (rows, F) for h13 = [h1 | h3] (rows, 2F) contiguous, times row_weight (rows,) fp32 if given
+    (the gate weight of each row), computed in fp32 (or wider) and returned in h13's dtype."""
     if not use_triton:
-        h1, h3 = h13.chunk(2, dim=1)
-        h1w = h1.to(torch.promote_types(h1.dtype, torch.float32))
-        return (h1w * torch.sigmoid(h1w) * h3).to(h1.dtype)  # the backward's recompute, operation for operation
+        h1, h3 = h13.to(torch.promote_types(h13.dtype, torch.float32)).chunk(2, dim=1)
+        out = h1 * torch.sigmoid(h1) * h3  # the backward's recompute, operation for operation
+        return (out if row_weight is None else out * row_weight[:, None].to(out.dtype)).to(h13.dtype)
     out = h13.new_empty(h13.shape[0], h13.shape[1] // 2)
-    _swiglu_kernel[_swiglu_grid(h13, _BLOCK_R, _BLOCK_F)](h13, out, h13.shape[0], out.shape[1], BLOCK_R=_BLOCK_R,
-                                                           BLOCK_F=_BLOCK_F, num_warps=4)
+    grid = (triton.cdiv(out.shape[0], _BLOCK_R), triton.cdiv(out.shape[1], _BLOCK_F))
+    _swiglu_kernel[grid](h13, row_weight, out, out.shape[0], out.shape[1], WEIGHTED=row_weight is not None,
+                         BLOCK_R=_BLOCK_R, BLOCK_F=_BLOCK_F, num_warps=4)
     return out
 
 
-def swiglu_backward(h13: torch.Tensor, grad: torch.Tensor, use_triton: bool, in_place: bool = False):
-    """(silu(h1) * h3, [grad * d/dh1 | grad * d/dh3]) for h13 = [h1 | h3] (rows, 2F), grad (rows, F).
-    in_place (Triton only) writes them over grad and h13."""
+def swiglu_backward(h13: torch.Tensor, grad: torch.Tensor, use_triton: bool, row_weight: Optional[torch.Tensor] = None,
+                    in_place: bool = False):
+    """The backward of swiglu(h13, row_weight) given grad (rows, F) of its output: (its output recomputed,
+    grad_h13 (rows, 2F), grad_row_weight (rows,) fp32 or None). in_place (Triton only) writes the first two
+    over grad and h13."""
     if not use_triton:
         wide = torch.promote_types(h13.dtype, torch.float32)
-        h1w, h3w = h13.to(wide).chunk(2, dim=1)
-        gradw = grad.to(wide)
-        sig = torch.sigmoid(h1w)
-        silu = h1w * sig
-        grad_h13 = torch.cat([gradw * h3w * sig * (1 + h1w * (1 - sig)), gradw * silu], dim=1)
-        return (silu * h3w).to(h13.dtype), grad_h13.to(h13.dtype)
+        h1, h3 = h13.to(wide).chunk(2, dim=1)
+        grad = grad.to(wide)
+        sig = torch.sigmoid(h1)
+        silu = h1 * sig
+        hidden, grad_row_weight = silu * h3, None
+        if row_weight is not None:
+            grad_row_weight = (grad * hidden).sum(1).to(row_weight.dtype)
+            hidden, grad = hidden * row_weight[:, None].to(wide), grad * row_weight[:, None].to(wide)
+        grad_h13 = torch.cat([grad * h3 * sig * (1 + h1 * (1 - sig)), grad * silu], dim=1)
+        return hidden.to(h13.dtype), grad_h13.to(h13.dtype), grad_row_weight
     out, grad_h13 = (grad, h13) if in_place else (torch.empty_like(grad), torch.empty_like(h13))
-    _swiglu_backward_kernel[_swiglu_grid(h13, _BLOCK_R, _BLOCK_F)](
-        h13, grad, out, grad_h13, h13.shape[0], grad.shape[1], BLOCK_R=_BLOCK_R, BLOCK_F=_BLOCK_F, num_warps=4)
-    return out, grad_h13
+    grad_row_weight = None if row_weight is None else torch.empty_like(row_weight)
+    _swiglu_backward_kernel[(triton.cdiv(h13.shape[0], _BLOCK_R),)](
+        h13, row_weight, grad, out, grad_h13, grad_row_weight, h13.shape[0], grad.shape[1],
+        WEIGHTED=row_weight is not None, BLOCK_R=_BLOCK_R, BLOCK_F=_BLOCK_F, num_warps=4)
+    return out, grad_h13, grad_row_weight

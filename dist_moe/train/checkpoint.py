@@ -36,6 +36,11 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint where one was expected; the message names the path."""
 
 
+# What DeepSpeed's optimizer partitions assume about the model's parameters; raised when that changes.
+# 2: each MoE layer's gate and up weights are one parameter, experts.w13 (unmarked, 1: w1 and w3 apart).
+PARAMETER_LAYOUT = 2
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -84,7 +89,8 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, ctx, keep: int) 
         shutil.rmtree(partial, ignore_errors=True)  # debris of an earlier killed save
     torch.distributed.barrier()
     engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-    state = {**trainer_state, "rng": rng_state(engine.module), "world_size": ctx.world_size}
+    state = {**trainer_state, "rng": rng_state(engine.module), "world_size": ctx.world_size,
+             "parameter_layout": PARAMETER_LAYOUT}
     torch.save(state, partial / f"trainer_rank{ctx.rank}.pt")
     save_portable_optimizer(engine, partial, trainer_state["ep_size"], ctx)
     torch.distributed.barrier()
@@ -169,6 +175,10 @@ def load(engine, run_dir: Path, ctx, ep_size: int) -> tuple[int, dict]:
 
 def _load_from(engine, path: Path, ctx, ep_size: int) -> tuple[int, dict]:
     saved = torch.load(path / "trainer_rank0.pt", weights_only=False)
+    if saved.get("parameter_layout", 1) != PARAMETER_LAYOUT:
+        raise CheckpointError(f"{path}: saved by an earlier dist_moe that kept the experts' gate and up weights "
+                              "apart, so its optimizer state would load into the wrong parameters; resume it with "
+                              "the version that wrote it (`dist-moe generate` still reads its weights)")
     same_topology = saved["world_size"] == ctx.world_size and saved["ep_size"] == ep_size
     if same_topology:
         engine.load_checkpoint(str(path.parent), tag=path.name)

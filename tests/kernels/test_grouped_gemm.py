@@ -40,29 +40,37 @@ def test_triton_grouped_mm_multiplies_each_segment_by_its_group_weight(case, dty
     assert relative_error(out[:n], expected[:n]) < tolerance
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "row_weighted"])
 @pytest.mark.parametrize("use_triton", [True, False], ids=["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 33), (300, 1408) if CUDA else (11, 300)], ids=str)
-def test_swiglu_forward_and_backward_equal_autograd_in_float64(shape, dtype, use_triton):
-    """h13 = [h1 | h3] side by side in one (rows, 2F) buffer; F=33 and 300 are no multiple of the 128 tile."""
+def test_swiglu_forward_and_backward_equal_autograd_in_float64(shape, dtype, use_triton, weighted):
+    """h13 = [h1 | h3] side by side in one (rows, 2F) buffer; F=33 and 300 are no multiple of the 128 tile.
+    Weighted: each row's output times its gate weight, whose gradient is the backward's third output."""
     h13 = torch.randn(shape[0], 2 * shape[1], device=DEVICE, dtype=dtype) * 3
     grad = torch.randn(shape, device=DEVICE, dtype=dtype) * 3
+    row_weight = torch.rand(shape[0], device=DEVICE) if weighted else None
     h13_64 = h13.double().requires_grad_()
-    h1_64, h3_64 = h13_64[:, :shape[1]], h13_64[:, shape[1]:]
-    out_64 = F.silu(h1_64) * h3_64
+    weight_64 = row_weight.double().requires_grad_() if weighted else torch.ones((), dtype=torch.float64)
+    out_64 = F.silu(h13_64[:, :shape[1]]) * h13_64[:, shape[1]:] * (weight_64[:, None] if weighted else 1.0)
     out_64.backward(grad.double())
-    out = gg.swiglu(h13, use_triton)
+    out = gg.swiglu(h13, use_triton, row_weight)
     assert out.dtype == dtype and out.shape == shape and relative_error(out, out_64.detach()) < TOLERANCE[dtype]
-    recomputed, grad_h13 = gg.swiglu_backward(h13, grad, use_triton)
+    recomputed, grad_h13, grad_row_weight = gg.swiglu_backward(h13, grad, use_triton, row_weight)
     assert torch.equal(recomputed, out)
     for half in (slice(None, shape[1]), slice(shape[1], None)):  # each half alone: a swap would fail
         assert relative_error(grad_h13[:, half], h13_64.grad[:, half]) < TOLERANCE[dtype]
+    if weighted:
+        assert grad_row_weight.dtype == torch.float32 and relative_error(grad_row_weight, weight_64.grad) < 1e-5
+    else:
+        assert grad_row_weight is None
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_swiglu_backward_in_place_writes_over_its_inputs(dtype):
     h13, grad = torch.randn(5, 140, device=DEVICE, dtype=dtype), torch.randn(5, 70, device=DEVICE, dtype=dtype)
-    expected = gg.swiglu_backward(h13, grad, use_triton=True)
-    out = gg.swiglu_backward(h13, grad, use_triton=True, in_place=True)
+    row_weight = torch.rand(5, device=DEVICE)
+    expected = gg.swiglu_backward(h13, grad, True, row_weight)
+    out = gg.swiglu_backward(h13, grad, True, row_weight, in_place=True)
     assert out[0] is grad and out[1] is h13
     assert all(torch.equal(a, b) for a, b in zip(out, expected))

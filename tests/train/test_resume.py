@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from cli_runs import SMALL, command, dist_moe, losses
 
@@ -106,7 +107,7 @@ def test_ep2_checkpoint_resumes_on_one_process_with_the_same_next_loss(tmp_path,
     assert losses(split)[4] == pytest.approx(losses(straight)[4], rel=1e-5)
 
 
-def test_resume_refuses_a_changed_model_key_and_a_missing_run_dir(tmp_path, cache_dir):
+def test_resume_refuses_a_changed_model_key_a_missing_run_dir_and_an_older_parameter_layout(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     assert_ok(dist_moe("train", *SMALL, "train.max_steps=1", f"run_dir={run_dir}", cache_dir=cache_dir))
     result = dist_moe("resume", str(run_dir), "model.d_model=96", cache_dir=cache_dir)
@@ -115,6 +116,13 @@ def test_resume_refuses_a_changed_model_key_and_a_missing_run_dir(tmp_path, cach
     assert "Traceback" not in result.stderr
     missing = dist_moe("resume", str(tmp_path / "nope"), cache_dir=cache_dir)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+    trainer_file = next((run_dir / "checkpoints").glob("step_*/trainer_rank0.pt"))
+    state = torch.load(trainer_file, weights_only=False)
+    del state["parameter_layout"]  # as written before the experts' w1 and w3 became one parameter
+    torch.save(state, trainer_file)
+    older = dist_moe("resume", str(run_dir), cache_dir=cache_dir)
+    assert older.returncode == 2 and "earlier dist_moe" in older.stderr and "Traceback" not in older.stderr
+    assert trainer_file.exists()
 
 
 def test_train_refuses_a_run_dir_with_checkpoints_and_leaves_them_intact(tmp_path, cache_dir):

@@ -7,7 +7,9 @@ the last segment (a routing plan's dropped assignments) are not computed. Gate a
 GEMM (twice as wide, so better shaped for narrow experts), and so does their input gradient, whose two
 halves the GEMM sums over K = 2F. The backward is written out (`_SwiGLUMLP`): it saves x and h13 = x w13
 only, recomputes silu(h1) * h3 with the gradients in one pass, and writes those over h13, so the MLP holds at
-most three (rows, F) buffers at once. Checkpoints keep DeepSpeed's separate w1 / w3 (layer.py splits them).
+most three (rows, F) buffers at once. Given a routing plan, the experts also permute their rows and combine
+them, with the gate weights scaling the hidden rows (see _SwiGLUMLP). Checkpoints keep DeepSpeed's
+separate w1 / w3 (layer.py splits them).
 Expert parameters carry DeepSpeed's MoE marks (`allreduce=False`, `group_name`) so ZeRO reduces them over
 the expert-data-parallel group only.
 """
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_moe.kernels.grouped_gemm import swiglu, swiglu_backward
-from dist_moe.kernels.moe_permute import gather_sum
+from dist_moe.kernels.moe_permute import gather_sum, scatter_rows
 from dist_moe.parallel.groups import expert_group_name
 
 
@@ -73,39 +75,58 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
     return torch.stack([a.t() @ b for a, b in pairs])
 
 
+def _row_weights(row_index: torch.Tensor, weights: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """(R,) fp32: each kept choice's gate weight at its row; rows no kept choice points to get 0. No host sync:
+    dropped choices write to a spare slot past the end."""
+    index = torch.where(row_index >= 0, row_index, num_rows).flatten()
+    return weights.new_zeros(num_rows + 1).scatter_(0, index, weights.flatten())[:num_rows]
+
+
 class _SwiGLUMLP(torch.autograd.Function):
-    """y = (silu(x w1) * (x w3)) w2 per expert segment, with the lean backward described above. Given
-    (token_index, row_index), x holds tokens and the rows are x[token_index]: the backward then sums the
-    rows' gradients straight into the tokens (one gather)."""
+    """y = (silu(x w1) * (x w3)) w2 per expert segment, with the lean backward described above.
+
+    Given a routing plan (token_index, row_index, weights), x holds the (T, D) tokens and the result is each
+    token's gate-weighted sum over its kept rows (T, D): the rows are scattered from the tokens, the gate
+    weight scales the hidden rows (so the combine is a plain sum and keeps no output rows for its backward),
+    and the backward sums the rows' gradients straight into the tokens. Without one, x are the rows."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index):
+    def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index, weights):
         use_triton = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        rows = x if token_index is None else x.index_select(0, token_index)  # (R, D)
+        routed = row_index is not None
+        rows = scatter_rows(x, token_index, row_index, use_triton) if routed else x  # (R, D)
+        row_weight = _row_weights(row_index, weights, len(rows)) if routed else None  # (R,)
         h13 = grouped_mm(rows, w13, tokens_per_expert)  # (R, 2F) = [x w1 | x w3]
-        ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, row_index)
+        out = grouped_mm(swiglu(h13, use_triton, row_weight), w2, tokens_per_expert)  # (R, D)
+        ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, token_index, row_index, row_weight)
         ctx.use_triton = use_triton
-        return grouped_mm(swiglu(h13, use_triton), w2, tokens_per_expert)  # (R, D)
+        return gather_sum(out, row_index, use_triton) if routed else out
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows, w13, w2, h13, counts, row_index = ctx.saved_tensors
+        rows, w13, w2, h13, counts, token_index, row_index, row_weight = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        grad_hidden = grouped_mm(grad_y, w2.transpose(1, 2), counts)  # (R, F)
-        hidden, grad_h13 = swiglu_backward(h13, grad_hidden, ctx.use_triton, in_place=ctx.use_triton)
-        grad_w2 = grouped_mm_weight_grad(hidden, grad_y, counts)
+        routed = row_index is not None
+        grad_out = scatter_rows(grad_y, token_index, row_index, ctx.use_triton) if routed else grad_y  # (R, D)
+        grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts)  # (R, F)
+        hidden, grad_h13, grad_row_weight = swiglu_backward(h13, grad_hidden, ctx.use_triton, row_weight,
+                                                            in_place=ctx.use_triton)
+        grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts)
         grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts)  # (R, D), both halves summed over K = 2F
-        grad_x = grad_rows if row_index is None else gather_sum(grad_rows, row_index, ctx.use_triton)
         grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
-        return grad_x, grad_w13, grad_w2, None, None, None
+        if not routed:
+            return grad_rows, grad_w13, grad_w2, None, None, None, None
+        grad_weights = torch.where(row_index >= 0, grad_row_weight[row_index.clamp(min=0)], 0)  # (T, k)
+        return gather_sum(grad_rows, row_index, ctx.use_triton), grad_w13, grad_w2, None, None, None, grad_weights
 
 
 class SwiGLUExperts(nn.Module):
     """Experts [first_expert, first_expert + num_local_experts) of num_experts, as stacked SwiGLU weights.
 
     forward(x: (R, D) rows sorted by local expert, tokens_per_expert: (E_local,) int64 summing to N <= R)
-    -> (R, D); rows past N are not computed (unwritten on CUDA). With permutation=(token_index (R,),
-    row_index (T, k)) from a routing plan, x is the (T, D) tokens and the rows are x[token_index].
+    -> (R, D); rows past N are not computed (unwritten on CUDA). With routing=(token_index (R,), row_index
+    (T, k), combine_weights (T, k)) from a routing plan, x is the (T, D) tokens, the rows are x[token_index],
+    and the result is the (T, D) gate-weighted sum of each token's expert outputs.
     """
 
     def __init__(self, num_experts: int, num_local_experts: int, first_expert: int, d_model: int, d_ff: int,
@@ -131,6 +152,6 @@ class SwiGLUExperts(nn.Module):
         return self.w13.chunk(2, dim=2)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permutation: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        token_index, row_index = permutation if permutation is not None else (None, None)
-        return _SwiGLUMLP.apply(x, self.w13, self.w2, tokens_per_expert, token_index, row_index)  # (R, D)
+                routing: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        token_index, row_index, weights = routing if routing is not None else (None, None, None)
+        return _SwiGLUMLP.apply(x, self.w13, self.w2, tokens_per_expert, token_index, row_index, weights)

@@ -104,12 +104,12 @@ class MoELayer(ExpertParallelModule):
         weights, indices, aux_loss, z_loss, router_stats = self.router(tokens)
         plan = route(indices, weights, self.num_experts, _capacity(self.cfg, len(tokens), self.training),
                      self.cfg.moe.drop_policy, self.cfg.moe.normalize_weights)
-        if self.ep_group is None:  # the experts gather their rows themselves (and sum their gradients back)
-            rows = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index))
+        if self.ep_group is None:  # the experts permute, gate-weight and combine their rows themselves
+            y = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.combine_weights))
         else:
             rows = permute(tokens, plan.token_index, plan.row_index)  # (k*B*T, D) expert-ordered, dropped last
             rows = self._exchange_and_run(rows, plan.tokens_per_expert)
-        y = combine(rows, plan.row_index, plan.combine_weights)  # gate-weighted sum in fp32, x's dtype
+            y = combine(rows, plan.row_index, plan.combine_weights)  # gate-weighted sum in fp32, x's dtype
         if self.shared_mlp is not None:
             y = y + self.shared_mlp(tokens)
         self.last_stats = MoEStats.of(router_stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
