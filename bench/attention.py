@@ -49,7 +49,7 @@ def implementations(N: int, device: str):
         return run
 
     return {
-        "triton (ours)": lambda q, k, v: flash_attention(q, k, v, causal=True),
+        "dist_moe flash_attention (ours)": lambda q, k, v: flash_attention(q, k, v, causal=True),
         "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION),
         "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "FlexAttention": lambda q, k, v: _flex(q, k, v, block_mask=block_mask, enable_gqa=True),

@@ -8,7 +8,9 @@ tensor descriptors (TMA on Hopper), which zero-fill rows past N and clip stores.
 (log2(e) folded into the scale); the forward saves the base-2 log-sum-exp, and the backward recomputes P:
 one kernel owns each key block and sums dK/dV over its group's query heads in one loop (no atomics),
 another owns each query block and writes dQ. Fully masked blocks are skipped; the forward and dQ split
-the rest into unmasked blocks and edge blocks (causal diagonal, window edge, ragged tail).
+the rest into unmasked blocks and edge blocks (causal diagonal, window edge, ragged tail). On Hopper at
+D = 128 (16-bit, no window) the forward is the Gluon kernel beside this file, which overlaps the softmax
+with the tensor cores; it writes the same O and LSE, so this backward serves both.
 """
 import math
 import os
@@ -22,6 +24,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_GLUON = triton.__version__.startswith("3.6.") and not _INTERPRET
+if _GLUON:
+    from .flash_attention_gluon import flash_attention_forward_gluon
 _QUERY_SIDE = ("Q", "O", "DO", "DQ")  # descriptors tiled by BLOCK_M; the others (K, V, DK, DV) by BLOCK_N
 
 
@@ -289,7 +294,16 @@ def _common(q, k, causal, window):
                 PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
 
 
+def _gluon_forward_applies(q: torch.Tensor, window: int) -> bool:
+    """The Gluon forward (flash_attention_gluon.py, FlashAttention-3 style) covers Hopper at D = 128 in 16 bits,
+    causal or not, without a window; it is verified on Triton 3.6 only (Gluon's API moves between releases)."""
+    return (_GLUON and window == 0 and q.shape[3] == 128 and q.dtype in (torch.float16, torch.bfloat16)
+            and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0))
+
+
 def _forward(q, k, v, causal, window, sm_scale):
+    if _gluon_forward_applies(q, window):
+        return flash_attention_forward_gluon(q, k, v, causal, sm_scale)
     B, Hq, N, _ = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)

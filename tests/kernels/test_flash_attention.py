@@ -96,15 +96,32 @@ def test_forward_and_gradients_match_sdpa_float64(case):
         _assert_close(name, g, r, TOLERANCE[dtype], t)
 
 
-def test_custom_scale_and_strided_layout_match_reference():
-    """q/k/v as transposed views of (B, N, H, D), a non-default sm_scale; the output keeps q's layout."""
-    B, Hq, Hkv, N, D = 1, 4, 2, 45, 64
-    q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(B, Hq, Hkv, N, D, F32, seed=3))
+@pytest.mark.parametrize("D,dtype", [(64, F32)] + ([(128, BF16)] if CUDA else []), ids=str)
+def test_custom_scale_and_strided_layout_match_reference(D, dtype):
+    """q/k/v as transposed views of (B, N, H, D), a non-default sm_scale; the output keeps q's layout. (On a
+    Hopper GPU, D = 128 in bf16 runs the Gluon forward.)"""
+    B, Hq, Hkv, N = 1, 4, 2, 45
+    q, k, v, do = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in _inputs(B, Hq, Hkv, N, D, dtype, seed=3))
     got = _run(fa.flash_attention, q, k, v, do, causal=True, sm_scale=0.3)
     ref = _run(fa.attention_reference, q.double(), k.double(), v.double(), do, causal=True, sm_scale=0.3)
     assert got[0].stride() == q.stride()
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
-        _assert_close(name, g, r, TOLERANCE[F32])
+        _assert_close(name, g, r, TOLERANCE[dtype])
+
+
+@pytest.mark.skipif(not (CUDA and fa._GLUON and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the Gluon forward runs on Hopper with Triton 3.6")
+@pytest.mark.parametrize("causal", [True, False])
+def test_hopper_forward_runs_the_gluon_kernel_and_writes_the_triton_kernels_lse(causal, monkeypatch):
+    """At D = 128 in bf16 the Gluon forward is what runs, and its O and LSE (which the Triton backward reads)
+    equal the Triton forward's."""
+    q, k, v, _ = _inputs(2, 8, 2, 1000, 128, BF16, seed=11)
+    assert fa._gluon_forward_applies(q, 0) and not fa._gluon_forward_applies(q, 66)
+    o, lse = fa._forward(q, k, v, causal, 0, 0.125)
+    monkeypatch.setattr(fa, "_GLUON", False)
+    o_triton, lse_triton = fa._forward(q, k, v, causal, 0, 0.125)
+    torch.testing.assert_close(lse, lse_triton, rtol=0, atol=1e-4)
+    torch.testing.assert_close(o, o_triton, rtol=2e-2, atol=2e-2)
 
 
 def test_unaligned_inputs_match_reference():

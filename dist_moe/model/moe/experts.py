@@ -110,7 +110,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_out = scatter_rows(grad_y, token_index, row_index, ctx.use_triton) if routed else grad_y  # (R, D)
         grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts)  # (R, F)
         hidden, grad_h13, grad_row_weight = swiglu_backward(h13, grad_hidden, ctx.use_triton, row_weight,
-                                                            in_place=ctx.use_triton)
+                                                            in_place=ctx.use_triton)  # hidden: w2's input
         grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts)
         grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts)  # (R, D), both halves summed over K = 2F
         grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
