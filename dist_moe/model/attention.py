@@ -1,7 +1,8 @@
 """Grouped-query attention (Ainslie et al. 2023) and the one seam every attention call goes through.
 
 `attention(q, k, v)` uses dist_moe's Triton flash kernel (kernels/flash_attention.py; its forward is a Gluon
-kernel on Hopper at D = 128) on CUDA when it supports the shape, and PyTorch SDPA otherwise; K/V are never repeated in memory on either path.
+kernel on Hopper at D = 128) on CUDA when it supports the shape, and PyTorch SDPA otherwise; K/V are never
+repeated in memory on either path.
 MHA (num_kv_heads = num_heads) and MQA (num_kv_heads = 1) are the two ends of GQA.
 """
 

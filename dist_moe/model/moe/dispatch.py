@@ -57,6 +57,14 @@ class Routing:
     dropped: torch.Tensor
     capacity: int
 
+    def row_weights(self) -> torch.Tensor:
+        """(R,) each kept choice's combine weight at its row, 0 at rows no kept choice points to. Differentiable,
+        no host sync: dropped choices write to a spare slot past the end, which is cut off."""
+        num_rows = len(self.token_index)
+        index = torch.where(self.row_index >= 0, self.row_index, num_rows).flatten()
+        spare = self.combine_weights.new_zeros(num_rows + 1)
+        return spare.scatter(0, index, self.combine_weights.flatten())[:num_rows]
+
 
 def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: Optional[int],
           drop_policy: str = "position", normalize_weights: bool = True) -> Routing:
@@ -131,7 +139,5 @@ def dispatch(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, cap
     """`route`, then only the kept rows: N is read on the host (one sync)."""
     plan = route(indices, weights, num_experts, capacity, drop_policy, normalize_weights)
     num_kept = int(plan.tokens_per_expert.sum())
-    row_weights = torch.zeros(len(plan.token_index), dtype=plan.combine_weights.dtype, device=indices.device)
-    row_weights[plan.row_index[plan.kept]] = plan.combine_weights[plan.kept]
-    return Dispatch(token_index=plan.token_index[:num_kept], combine_weights=row_weights[:num_kept],
+    return Dispatch(token_index=plan.token_index[:num_kept], combine_weights=plan.row_weights()[:num_kept],
                     tokens_per_expert=plan.tokens_per_expert, kept=plan.kept, capacity=plan.capacity)

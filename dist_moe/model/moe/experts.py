@@ -75,27 +75,19 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
     return torch.stack([a.t() @ b for a, b in pairs])
 
 
-def _row_weights(row_index: torch.Tensor, weights: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """(R,) fp32: each kept choice's gate weight at its row; rows no kept choice points to get 0. No host sync:
-    dropped choices write to a spare slot past the end."""
-    index = torch.where(row_index >= 0, row_index, num_rows).flatten()
-    return weights.new_zeros(num_rows + 1).scatter_(0, index, weights.flatten())[:num_rows]
-
-
 class _SwiGLUMLP(torch.autograd.Function):
     """y = (silu(x w1) * (x w3)) w2 per expert segment, with the lean backward described above.
 
-    Given a routing plan (token_index, row_index, weights), x holds the (T, D) tokens and the result is each
-    token's gate-weighted sum over its kept rows (T, D): the rows are scattered from the tokens, the gate
+    Given a routing plan (token_index, row_index, row_weight (R,)), x holds the (T, D) tokens and the result is
+    each token's gate-weighted sum over its kept rows (T, D): the rows are scattered from the tokens, the gate
     weight scales the hidden rows (so the combine is a plain sum and keeps no output rows for its backward),
     and the backward sums the rows' gradients straight into the tokens. Without one, x are the rows."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index, weights):
+    def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index, row_weight):
         use_triton = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         routed = row_index is not None
         rows = scatter_rows(x, token_index, row_index, use_triton) if routed else x  # (R, D)
-        row_weight = _row_weights(row_index, weights, len(rows)) if routed else None  # (R,)
         h13 = grouped_mm(rows, w13, tokens_per_expert)  # (R, 2F) = [x w1 | x w3]
         out = grouped_mm(swiglu(h13, use_triton, row_weight), w2, tokens_per_expert)  # (R, D)
         ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, token_index, row_index, row_weight)
@@ -114,10 +106,8 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts)
         grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts)  # (R, D), both halves summed over K = 2F
         grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
-        if not routed:
-            return grad_rows, grad_w13, grad_w2, None, None, None, None
-        grad_weights = torch.where(row_index >= 0, grad_row_weight[row_index.clamp(min=0)], 0)  # (T, k)
-        return gather_sum(grad_rows, row_index, ctx.use_triton), grad_w13, grad_w2, None, None, None, grad_weights
+        grad_x = gather_sum(grad_rows, row_index, ctx.use_triton) if routed else grad_rows
+        return grad_x, grad_w13, grad_w2, None, None, None, grad_row_weight
 
 
 class SwiGLUExperts(nn.Module):
@@ -125,8 +115,8 @@ class SwiGLUExperts(nn.Module):
 
     forward(x: (R, D) rows sorted by local expert, tokens_per_expert: (E_local,) int64 summing to N <= R)
     -> (R, D); rows past N are not computed (unwritten on CUDA). With routing=(token_index (R,), row_index
-    (T, k), combine_weights (T, k)) from a routing plan, x is the (T, D) tokens, the rows are x[token_index],
-    and the result is the (T, D) gate-weighted sum of each token's expert outputs.
+    (T, k), row_weights (R,)) from a routing plan, x is the (T, D) tokens, the rows are x[token_index], and the
+    result is the (T, D) gate-weighted sum of each token's expert outputs.
     """
 
     def __init__(self, num_experts: int, num_local_experts: int, first_expert: int, d_model: int, d_ff: int,
@@ -153,5 +143,5 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 routing: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        token_index, row_index, weights = routing if routing is not None else (None, None, None)
-        return _SwiGLUMLP.apply(x, self.w13, self.w2, tokens_per_expert, token_index, row_index, weights)
+        token_index, row_index, row_weights = routing if routing is not None else (None, None, None)
+        return _SwiGLUMLP.apply(x, self.w13, self.w2, tokens_per_expert, token_index, row_index, row_weights)

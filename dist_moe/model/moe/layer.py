@@ -105,7 +105,7 @@ class MoELayer(ExpertParallelModule):
         plan = route(indices, weights, self.num_experts, _capacity(self.cfg, len(tokens), self.training),
                      self.cfg.moe.drop_policy, self.cfg.moe.normalize_weights)
         if self.ep_group is None:  # the experts permute, gate-weight and combine their rows themselves
-            y = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.combine_weights))
+            y = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.row_weights()))
         else:
             rows = permute(tokens, plan.token_index, plan.row_index)  # (k*B*T, D) expert-ordered, dropped last
             rows = self._exchange_and_run(rows, plan.tokens_per_expert)
