@@ -25,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402
-from dist_moe.kernels.grouped_gemm import grouped_mm as triton_grouped_mm  # noqa: E402
+from dist_moe.kernels.grouped_gemm import expert_tiles, grouped_mm as triton_grouped_mm  # noqa: E402
 from dist_moe.model.moe.experts import SwiGLU  # noqa: E402
 from dist_moe.model.moe.layer import MoELayer  # noqa: E402
 
@@ -250,7 +250,8 @@ def bench_gemms(name: str, s: dict) -> list[dict]:
     torch.manual_seed(1)
     T, d, f, E, k = s["T"], s["d"], s["f"], s["E"], s["k"]
     experts = torch.randint(0, E, (T * k,), device="cuda")
-    offsets = torch.cumsum(torch.bincount(experts, minlength=E), 0, dtype=torch.int32)
+    counts = torch.bincount(experts, minlength=E)
+    offsets, tiles = torch.cumsum(counts, 0, dtype=torch.int32), expert_tiles(counts)
     rows = []
     for gemm, (K, N) in (("up d->f", (d, f)), ("down f->d", (f, d))):
         x = torch.randn(T * k, K, device="cuda", dtype=torch.bfloat16)
@@ -260,7 +261,7 @@ def bench_gemms(name: str, s: dict) -> list[dict]:
         flops = 2 * T * k * K * N
         for impl, fn in (("torch._grouped_mm, w row-major", lambda: torch._grouped_mm(x, w, offs=offsets)),
                          ("torch._grouped_mm, w column-major", lambda: torch._grouped_mm(x, w_col, offs=offsets)),
-                         ("triton grouped GEMM (ours)", lambda: triton_grouped_mm(x, w, offsets))):
+                         ("triton TMA grouped GEMM (ours)", lambda: triton_grouped_mm(x, w, tiles))):
             row = dict(shape=name, gemm=gemm, impl=impl, M=T * k, K=K, N=N, E=E)
             try:
                 out = fn()

@@ -1,11 +1,13 @@
 """The expert MLP's kernels: a grouped GEMM over expert-ordered rows, and the SwiGLU activation between GEMMs.
 
-`grouped_mm(x, w, offsets)`: row segment g of x (M, K), rows [offsets[g-1], offsets[g]), times w[g] (K, N);
-must equal `grouped_mm_reference` (a loop of matmuls, what torch._grouped_mm computes). One launch for all
-experts, no host sync: each program owns one BLOCK_M x BLOCK_N output tile of one expert; tiles are numbered
-expert after expert (the per-expert tile counts are prefix-summed on the device) and a grid sized for the
-worst case lets the spare programs exit. Rows past offsets[-1] are not written. Forward only: it exists to
-be measured against torch._grouped_mm (bench/moe_layer.py), the faster one runs in the layer.
+`grouped_mm(x, w, expert_tiles(sizes))`: row segment e of x (R, K) times w[e] (K, N) (or a transposed view
+of (E, N, K) weights); must equal `grouped_mm_reference` (a loop of matmuls, what torch._grouped_mm
+computes). One persistent launch for all experts, no host sync: operands move by TMA, every BLOCK_M x
+BLOCK_N output tile belongs to one expert (an expert's rows start a fresh tile; a binary search over the
+prefix-summed tile counts finds it), and a tile whose last rows are the next expert's is stored through a
+descriptor clipped at the expert's end. Rows past the segments are not written. On Hopper the experts run
+their four row-grouped GEMMs (forward and input gradients) through it: it is 2-8% faster there than
+torch._grouped_mm (bench/results/moe_gemm_shapes_*); the weight gradients stay with torch._grouped_mm.
 
 `swiglu(h13, row_weight)` = row_weight * silu(h1) * h3 for h13 = [h1 | h3] (the output of one GEMM against
 [w1 | w3]); the optional row weight is the gate weight, applied here rather than to the expert's output so
@@ -23,74 +25,140 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _gemm_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    tiles = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
-             (128, 64, 64, 4, 4), (256, 128, 64, 8, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in tiles]
+# The best of those measured at shape (b) on an H100 (moe_notes.md, version 6); small ones under the interpreter.
+_HOPPER_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3, num_warps=8)
+_INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_stages=1, num_warps=4)
+_GROUP_M = 8  # M-tiles that sweep N together, so their A rows and the expert's weights stay in L2
 
 
-@triton.autotune(configs=_gemm_configs(), key=["N", "K", "M_BUCKET", "G"])
+def _tile() -> dict:
+    return dict(_INTERPRETER_TILE if _INTERPRET else _HOPPER_TILE)
+
+
+def tma_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether grouped_mm runs for rows x and these weights: on a Hopper GPU, 16-bit, every dimension a multiple of
+    8 (TMA's 16-byte strides)."""
+    if _INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    dims = [x.shape[-1]] + [d for w in weights for d in w.shape[1:]]
+    return (x.dtype in (torch.float16, torch.bfloat16) and all(w.dtype == x.dtype for w in weights)
+            and all(d % 8 == 0 for d in dims))
+
+
+def expert_tiles(tokens_per_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment ends, M-tile ends), both (E,) int32 and cumulative: how grouped_mm finds the expert of a tile.
+    An expert's rows start a fresh BLOCK_M tile, so every tile belongs to one expert."""
+    block_m = _tile()["BLOCK_M"]
+    ends = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    return ends, torch.cumsum((tokens_per_expert + block_m - 1) // block_m, 0, dtype=torch.int32)
+
+
 @triton.jit
-def _grouped_mm_kernel(X, W, OUT, OFFSETS, N, K, M_BUCKET, G,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    tile_m, tile_n = pid // tiles_n, pid % tiles_n
-    # Find the expert owning M-tile tile_m: walk the groups, counting each one's tiles (G is small).
-    group, first_tile, row_start, row_end = G, 0, 0, 0
-    tiles_before, previous_end = 0, 0
-    for g in range(G):
-        end = tl.load(OFFSETS + g)
-        tiles = tl.cdiv(end - previous_end, BLOCK_M)
-        hit = (tile_m >= tiles_before) & (tile_m < tiles_before + tiles)
-        group = tl.where(hit, g, group)
-        first_tile = tl.where(hit, tiles_before, first_tile)
-        row_start = tl.where(hit, previous_end, row_start)
-        row_end = tl.where(hit, end, row_end)
-        tiles_before += tiles
-        previous_end = end
-    if group == G:  # a spare program of the worst-case grid
-        return
-    rows = row_start + (tile_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows.to(tl.int64)[:, None] * K + ks[None, :]
-    w_ptrs = W + group.to(tl.int64) * K * N + ks[:, None] * N + cols[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+def _tile_coords(tile, num_m_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Persistent tile number -> (M-tile, N-tile), GROUP_M M-tiles at a time sweeping N."""
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    size_m = tl.minimum(num_m_tiles - first_m, GROUP_M)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _expert_rows(tm, ENDS, TILE_ENDS, E, BLOCK_M: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """M-tile tm -> (its expert, its first row, the expert's end row); expert E past the last tile. A binary
+    search for the first expert whose tiles end after tm."""
+    lo = tm * 0
+    hi = lo + E
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(TILE_ENDS + mid, mask=mid < E, other=0x7FFFFFFF) <= tm
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    valid = lo < E
+    end = tl.load(ENDS + lo, mask=valid, other=0)
+    start = tl.load(ENDS + lo - 1, mask=valid & (lo > 0), other=0)
+    first_tile = tl.load(TILE_ENDS + lo, mask=valid, other=0) - tl.cdiv(end - start, BLOCK_M)
+    return lo, start + (tm - first_tile) * BLOCK_M, end
+
+
+@triton.jit
+def _mm_tile(a_desc, b_desc, e, row0, col0, K, N, TRANS_B: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of rows row0.. times expert e's weight (K, N) (stored (N, K) if TRANS_B),
+    columns col0... Columns past K read zeros in a (so whatever the weight has there adds nothing)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k in range(0, K, BLOCK_K):
-        a = tl.load(x_ptrs, mask=(rows[:, None] < row_end) & (ks[None, :] + k < K), other=0.0)
-        b = tl.load(w_ptrs, mask=(ks[:, None] + k < K) & (cols[None, :] < N), other=0.0)
+        a = a_desc.load([row0, k])
+        if TRANS_B:
+            b = b_desc.load([e * N + col0, k]).T
+        else:
+            b = b_desc.load([e * K + k, col0])
         acc = tl.dot(a, b, acc)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * N
-    out_ptrs = OUT + rows.to(tl.int64)[:, None] * N + cols[None, :]
-    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(rows[:, None] < row_end) & (cols[None, :] < N))
+    return acc
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x (M, K) rows sorted by group, w (G, K, N), offsets (G,) int32 group ends -> (M, N) in x's dtype."""
-    (M, K), (G, _, N) = x.shape, w.shape
-    out = x.new_empty(M, N)
-    grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + G) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _grouped_mm_kernel[grid](x.contiguous(), w.contiguous(), out, offsets.contiguous(), N, K,
-                             triton.next_power_of_2(max(M, 1)), G)
+@triton.jit
+def _store_rows(desc, PTR, ld, tile, row0, col0, row_end, n_cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store a tile at (row0, col0) by TMA. When its last rows are the next expert's, through a descriptor made
+    here that ends at row_end, which TMA clips to (a masked store would cost the epilogue ~130 registers)."""
+    if row0 + BLOCK_M <= row_end:
+        desc.store([row0, col0], tile)
+    else:
+        clipped = tl.make_tensor_descriptor(PTR, shape=[row_end, n_cols], strides=[ld, 1],
+                                            block_shape=[BLOCK_M, BLOCK_N])
+        clipped.store([row0, col0], tile)
+
+
+@triton.jit
+def _grouped_mm_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, num_m_tiles, N, K, E, TRANS_B: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       SEARCH_STEPS: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+    for tile in tl.range(tl.program_id(0), num_m_tiles * tl.cdiv(N, BLOCK_N), NUM_PROGRAMS):
+        tm, tn = _tile_coords(tile, num_m_tiles, N, BLOCK_N, GROUP_M)
+        e, row0, row_end = _expert_rows(tm, ENDS, TILE_ENDS, E, BLOCK_M, SEARCH_STEPS)
+        if e < E:
+            acc = _mm_tile(a_desc, b_desc, e, row0, tn * BLOCK_N, K, N, TRANS_B, BLOCK_M, BLOCK_N, BLOCK_K)
+            _store_rows(c_desc, C, N, acc.to(C.dtype.element_ty), row0, tn * BLOCK_N, row_end, N, BLOCK_M, BLOCK_N)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors kernels make on the device (_store_rows)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Row segment e of x (R, K) times w[e] (K, N) -> (R, N) in x's dtype, for tiles = expert_tiles(segment
+    sizes); w may be a transposed view of (E, N, K) weights, as for an input gradient. Rows past the segments are
+    not written. Equals `grouped_mm_reference` (and torch._grouped_mm)."""
+    (R, K), (E, _, N) = x.shape, w.shape
+    tile = _tile()
+    BM, BN, BK = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"]
+    trans_b = w.stride(2) != 1
+    desc = TensorDescriptor.from_tensor
+    b_desc = desc(w.transpose(1, 2).reshape(E * N, K), [BN, BK]) if trans_b else desc(w.reshape(E * K, N), [BK, BN])
+    out = x.new_empty(R, N)
+    num_m_tiles = triton.cdiv(R, BM) + E  # static bound: each expert may start a fresh tile
+    sms = 4 if _INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
+    programs = max(1, min(sms, num_m_tiles * triton.cdiv(N, BN)))  # persistent: each strides over the tiles
+    if not _INTERPRET:
+        triton.set_allocator(_descriptor_scratch)
+    _grouped_mm_kernel[(programs,)](desc(x, [BM, BK]), b_desc, desc(out, [BM, BN]), out, *tiles, num_m_tiles, N, K,
+                                    E, TRANS_B=trans_b, GROUP_M=_GROUP_M, SEARCH_STEPS=E.bit_length(),
+                                    NUM_PROGRAMS=programs, **tile)
     return out
 
 
-def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The loop grouped_mm must equal, in x's dtype; rows past offsets[-1] come out zero here."""
+def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """The loop grouped_mm must equal, in x's dtype; rows past the segments come out zero here."""
     out = x.new_zeros(x.shape[0], w.shape[2])
     start = 0
-    for g, end in enumerate(offsets.tolist()):
-        out[start:end] = x[start:end] @ w[g]
-        start = end
+    for e, size in enumerate(tokens_per_expert.tolist()):
+        out[start:start + size] = x[start:start + size] @ w[e]
+        start += size
     return out
 
 

@@ -1,7 +1,8 @@
 """Grouped GEMM and SwiGLU activation kernels (kernels/grouped_gemm.py) against float64 references.
 
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (fp32, fp16, small shapes); with CUDA, bf16
-and larger shapes too. Group sizes include empty groups and sizes that are no multiple of any tile.
+and larger shapes too (the TMA GEMM on Hopper only). Segment sizes include empty ones and sizes that are no
+multiple of any tile.
 """
 
 import pytest
@@ -15,29 +16,39 @@ CUDA = torch.cuda.is_available()  # without it, tests/conftest.py turns on TRITO
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# (group sizes, K, N); rows past the last group stay unwritten.
-GEMM_CASES = [([3, 0, 17, 1], 32, 48), ([0, 0, 40], 24, 16), ([5, 9, 0, 2, 30], 40, 20)]
+HOPPER = CUDA and torch.cuda.get_device_capability()[0] == 9
+TMA_DTYPES = [torch.bfloat16] if CUDA else [torch.float16]  # the TMA GEMM takes 16-bit operands
+# (segment sizes, K, N): empty segments, sizes no multiple of any tile, N and K no multiple of the tile (the
+# interpreter's is 16 x 32 x 16; the H100's 128 x 256 x 64); rows past the last segment stay unwritten.
+TMA_CASES = [([3, 0, 17, 1, 40, 0], 32, 48), ([0, 0, 40], 24, 40), ([5, 9, 0, 2, 30], 48, 16)]
 if CUDA:
-    GEMM_CASES += [([0, 700, 129, 1, 2000, 0, 64, 300], 512, 1408), ([2048] * 4, 2048, 1408)]
+    TMA_CASES += [([0, 700, 129, 1, 2000, 0, 64, 300], 512, 1408), ([2048] * 4, 2048, 1408)]
+needs_tma = pytest.mark.skipif(CUDA and not HOPPER, reason="the TMA GEMM is built for Hopper")
 
 
 def relative_error(a, b):
     return ((a.double() - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", GEMM_CASES, ids=str)
-def test_triton_grouped_mm_multiplies_each_segment_by_its_group_weight(case, dtype):
+def segments(sizes, *widths, dtype, tail=5):
+    """Random (sum(sizes) + tail, width) rows per width, and the expert_tiles of the segment sizes."""
+    rows = [torch.randn(sum(sizes) + tail, w, device=DEVICE, dtype=dtype) for w in widths]
+    return rows, torch.tensor(sizes, device=DEVICE), gg.expert_tiles(torch.tensor(sizes, device=DEVICE))
+
+
+@needs_tma
+@pytest.mark.parametrize("transposed", [False, True], ids=["w", "w^T"])
+@pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=str)
+def test_tma_grouped_mm_multiplies_each_segment_by_its_expert(case, dtype, transposed):
+    """transposed: the weights are a (E, K, N) view of (E, N, K) storage, as for an input gradient."""
     sizes, K, N = case
-    tail = 5
-    x = torch.randn(sum(sizes) + tail, K, device=DEVICE, dtype=dtype)
-    w = torch.randn(len(sizes), K, N, device=DEVICE, dtype=dtype) / K ** 0.5
-    offsets = torch.tensor(sizes, device=DEVICE).cumsum(0).to(torch.int32)
-    out = gg.grouped_mm(x, w, offsets)
-    expected = gg.grouped_mm_reference(x.double(), w.double(), offsets)
+    (x,), counts, tiles = segments(sizes, K, dtype=dtype)
+    w = torch.randn(len(sizes), *((N, K) if transposed else (K, N)), device=DEVICE, dtype=dtype) / K ** 0.5
+    w = w.transpose(1, 2) if transposed else w
+    out = gg.grouped_mm(x, w, tiles)
     n = sum(sizes)
-    tolerance = 2e-3 if CUDA and dtype == torch.float32 else TOLERANCE[dtype]  # tl.dot takes fp32 as tf32
-    assert relative_error(out[:n], expected[:n]) < tolerance
+    assert relative_error(out[:n], gg.grouped_mm_reference(x.double(), w.double(), counts)[:n]) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "row_weighted"])

@@ -1,8 +1,9 @@
 """SwiGLU experts stored as stacked weights, computed on expert-ordered rows by per-expert GEMMs.
 
 `SwiGLUExperts` holds this rank's E_local experts (w13 = [w1 | w3]: (E_local, D, 2F); w2: (E_local, F, D))
-and runs them on rows already sorted by expert: one GEMM per contiguous segment, through `torch._grouped_mm`
-on CUDA (bf16, aligned shapes: one launch, no host sync) and a loop over local experts elsewhere. Rows past
+and runs them on rows already sorted by expert: one GEMM per contiguous segment, one launch and no host sync
+on CUDA (the Triton TMA grouped GEMM on Hopper for the row-grouped products, `torch._grouped_mm` for the rest
+and on other GPUs) and a loop over local experts elsewhere. Rows past
 the last segment (a routing plan's dropped assignments) are not computed. Gate and up projection share one
 GEMM (twice as wide, so better shaped for narrow experts), and so does their input gradient, whose two
 halves the GEMM sums over K = 2F. The backward is written out (`_SwiGLUMLP`): it saves x and h13 = x w13
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_moe.kernels import grouped_gemm
 from dist_moe.kernels.grouped_gemm import swiglu, swiglu_backward
 from dist_moe.kernels.moe_permute import gather_sum, scatter_rows
 from dist_moe.parallel.groups import expert_group_name
@@ -53,9 +55,14 @@ def _cuda_grouped_mm(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm")
 
 
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor,
+               tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Row segment i of x (R, K) times w[i] (K, M) -> (R, M); segment sizes tokens_per_expert (G,) sum to
-    N <= R. Rows past N are left unwritten on CUDA (zero on the loop path): callers must not read them."""
+    N <= R. Rows past N are left unwritten on CUDA (zero on the loop path): callers must not read them.
+    tiles = expert_tiles(tokens_per_expert) where the Triton TMA grouped GEMM applies (Hopper), which is faster
+    there than torch._grouped_mm."""
+    if tiles is not None:
+        return grouped_gemm.grouped_mm(x, w, tiles)
     if _cuda_grouped_mm(x, w):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
@@ -75,6 +82,13 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
     return torch.stack([a.t() @ b for a, b in pairs])
 
 
+def _tma_tiles(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor):
+    """The Triton grouped GEMM's tile map, built once per pass, where it applies; None elsewhere."""
+    if grouped_gemm.tma_applies(rows, w13, w2):
+        return grouped_gemm.expert_tiles(tokens_per_expert)
+    return None
+
+
 class _SwiGLUMLP(torch.autograd.Function):
     """y = (silu(x w1) * (x w3)) w2 per expert segment, with the lean backward described above.
 
@@ -87,9 +101,10 @@ class _SwiGLUMLP(torch.autograd.Function):
     def forward(ctx, x, w13, w2, tokens_per_expert, token_index, row_index, row_weight):
         use_triton = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         routed = row_index is not None
-        rows = scatter_rows(x, token_index, row_index, use_triton) if routed else x  # (R, D)
-        h13 = grouped_mm(rows, w13, tokens_per_expert)  # (R, 2F) = [x w1 | x w3]
-        out = grouped_mm(swiglu(h13, use_triton, row_weight), w2, tokens_per_expert)  # (R, D)
+        rows = scatter_rows(x, token_index, row_index, use_triton) if routed else x.contiguous()  # (R, D)
+        tiles = _tma_tiles(rows, w13, w2, tokens_per_expert)
+        h13 = grouped_mm(rows, w13, tokens_per_expert, tiles)  # (R, 2F) = [x w1 | x w3]
+        out = grouped_mm(swiglu(h13, use_triton, row_weight), w2, tokens_per_expert, tiles)  # (R, D)
         ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, token_index, row_index, row_weight)
         ctx.use_triton = use_triton
         return gather_sum(out, row_index, use_triton) if routed else out
@@ -100,11 +115,12 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         routed = row_index is not None
         grad_out = scatter_rows(grad_y, token_index, row_index, ctx.use_triton) if routed else grad_y  # (R, D)
-        grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts)  # (R, F)
+        tiles = _tma_tiles(rows, w13, w2, counts)
+        grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts, tiles)  # (R, F)
         hidden, grad_h13, grad_row_weight = swiglu_backward(h13, grad_hidden, ctx.use_triton, row_weight,
                                                             in_place=ctx.use_triton)  # hidden: w2's input
         grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts)
-        grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts)  # (R, D), both halves summed over K = 2F
+        grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts, tiles)  # (R, D), both halves summed over K = 2F
         grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
         grad_x = gather_sum(grad_rows, row_index, ctx.use_triton) if routed else grad_rows
         return grad_x, grad_w13, grad_w2, None, None, None, grad_row_weight

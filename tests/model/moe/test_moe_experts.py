@@ -52,3 +52,42 @@ def test_cuda_grouped_mm_path_equals_fp32_loop_forward_and_backward():
     for name, p in experts.named_parameters():
         scale = reference[name].grad.abs().max().item()
         torch.testing.assert_close(p.grad.float(), reference[name].grad, rtol=3e-2, atol=3e-2 * scale)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm and the Triton passes run on CUDA")
+@pytest.mark.parametrize("dropless", [True, False], ids=["dropless", "cf_0.5"])
+def test_cuda_routed_experts_equal_the_fp32_cpu_path(dropless, monkeypatch):
+    """Routed experts in bf16 on CUDA (token-major scatter, gate weight on the hidden rows, plain gather-sum;
+    on Hopper the Triton TMA grouped GEMM) against the same experts in fp32 on CPU: output and every gradient,
+    the gate weights' included."""
+    from dist_moe.kernels import grouped_gemm
+    from dist_moe.model.moe.dispatch import expert_capacity, route
+
+    triton_gemm, calls = grouped_gemm.grouped_mm, []
+    monkeypatch.setattr(grouped_gemm, "grouped_mm", lambda *args: calls.append(args) or triton_gemm(*args))
+
+    torch.manual_seed(1)
+    T, E, k, D, F_ = 300, 8, 2, 128, 256
+    cpu = SwiGLUExperts(E, E, 0, D, F_, ep_size=1)
+    cpu.reset_parameters(0.05)
+    gpu = SwiGLUExperts(E, E, 0, D, F_, ep_size=1).cuda().bfloat16()
+    gpu.load_state_dict(cpu.state_dict())
+    cpu.load_state_dict({n: p.bfloat16().float() for n, p in cpu.state_dict().items()})  # the same rounded weights
+    x = torch.randn(T, D).bfloat16().float()
+    weights, indices = torch.softmax(torch.randn(T, E), -1).topk(k)
+    capacity = None if dropless else expert_capacity(T, E, k, 0.5, 4)
+    outputs, grads = [], []
+    for module, device, dtype in ((cpu, "cpu", torch.float32), (gpu, "cuda", torch.bfloat16)):
+        xs = x.detach().to(device, dtype).requires_grad_()
+        gate = weights.detach().to(device).requires_grad_()
+        plan = route(indices.to(device), gate, E, capacity)
+        assert dropless or int(plan.dropped) > 0
+        y = module(xs, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.row_weights()))
+        y.float().square().sum().backward()
+        outputs.append(y.float().cpu())
+        grads.append([t.grad.float().cpu() for t in (xs, gate, module.w13, module.w2)])
+    scale = outputs[0].abs().max().item()
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=2e-2, atol=2e-2 * scale)
+    for theirs, ours in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=3e-2, atol=3e-2 * theirs.abs().max().item())
+    assert len(calls) == (4 if torch.cuda.get_device_capability()[0] == 9 else 0)  # up, down and their input grads
