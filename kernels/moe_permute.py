@@ -98,7 +98,7 @@ def _gather_sum_torch(rows: torch.Tensor, row_index: torch.Tensor, weights: Opti
 
 def gather_sum(rows: torch.Tensor, row_index: torch.Tensor, use_triton: Optional[bool] = None) -> torch.Tensor:
     """(T, D): out[t] = sum over kept j of rows[row_index[t, j]] for rows (R, D), summed in fp32: the backward
-    of the permutation (also called by the expert MLP, which gathers its own rows)."""
+    of the permutation, and the expert MLP's combine once the gate weights are on its hidden rows."""
     gather = _gather_sum_triton if _use_triton(rows, use_triton) else _gather_sum_torch
     return gather(rows.contiguous(), row_index.contiguous(), None, row_index.shape[0])
 

@@ -1,16 +1,15 @@
 """SwiGLU experts stored as stacked weights, computed on expert-ordered rows by per-expert GEMMs.
 
-`SwiGLUExperts` holds this rank's E_local experts (w13 = [w1 | w3]: (E_local, D, 2F); w2: (E_local, F, D))
-and runs them on rows already sorted by expert: one GEMM per contiguous segment, one launch and no host sync
-on CUDA (the Triton TMA grouped GEMM on Hopper for the row-grouped products, `torch._grouped_mm` for the rest
-and on other GPUs) and a loop over local experts elsewhere. Rows past
-the last segment (a routing plan's dropped assignments) are not computed. Gate and up projection share one
-GEMM (twice as wide, so better shaped for narrow experts), and so does their input gradient, whose two
-halves the GEMM sums over K = 2F. The backward is written out (`_SwiGLUMLP`): it saves x and h13 = x w13
-only, recomputes silu(h1) * h3 with the gradients in one pass, and writes those over h13, so the MLP holds at
-most three (rows, F) buffers at once. Given a routing plan, the experts also permute their rows and combine
-them, with the gate weights scaling the hidden rows (see _SwiGLUMLP). Checkpoints keep DeepSpeed's
-separate w1 / w3 (layer.py splits them).
+`SwiGLUExperts` holds this rank's E_local experts (w13 = [w1 | w3]: (E_local, D, 2F); w2: (E_local, F, D)) and
+runs them on rows already sorted by expert: one GEMM per contiguous segment, one launch and no host sync on
+CUDA (the Triton TMA grouped GEMM on Hopper for the row-grouped products, `torch._grouped_mm` for the rest and
+on other GPUs) and a loop over local experts elsewhere. Rows past the last segment (a routing plan's dropped
+assignments) are not computed. Gate and up projection share one GEMM (twice as wide, so better shaped for
+narrow experts), and so does their input gradient, whose two halves the GEMM sums over K = 2F. The backward is
+written out (`_SwiGLUMLP`): it saves x and h13 = x w13 only, recomputes silu(h1) * h3 with the gradients in
+one pass, and writes those over h13, so the MLP holds at most three (rows, F) buffers at once. Given a routing
+plan, the experts also permute their rows and combine them, with the gate weights scaling the hidden rows (see
+_SwiGLUMLP). Checkpoints keep DeepSpeed's separate w1 / w3 (layer.py splits them).
 Expert parameters carry DeepSpeed's MoE marks (`allreduce=False`, `group_name`) so ZeRO reduces them over
 the expert-data-parallel group only.
 """
@@ -83,7 +82,7 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
 
 
 def _tma_tiles(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor):
-    """The Triton grouped GEMM's tile map, built once per pass, where it applies; None elsewhere."""
+    """The Triton grouped GEMM's tile map where it applies (built once per step), None elsewhere."""
     if grouped_gemm.tma_applies(rows, w13, w2):
         return grouped_gemm.expert_tiles(tokens_per_expert)
     return None
@@ -102,7 +101,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         use_triton = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         routed = row_index is not None
         rows = scatter_rows(x, token_index, row_index, use_triton) if routed else x.contiguous()  # (R, D)
-        tiles = _tma_tiles(rows, w13, w2, tokens_per_expert)
+        tiles = ctx.tiles = _tma_tiles(rows, w13, w2, tokens_per_expert)  # reused by the backward
         h13 = grouped_mm(rows, w13, tokens_per_expert, tiles)  # (R, 2F) = [x w1 | x w3]
         out = grouped_mm(swiglu(h13, use_triton, row_weight), w2, tokens_per_expert, tiles)  # (R, D)
         ctx.save_for_backward(rows, w13, w2, h13, tokens_per_expert, token_index, row_index, row_weight)
@@ -115,7 +114,7 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         routed = row_index is not None
         grad_out = scatter_rows(grad_y, token_index, row_index, ctx.use_triton) if routed else grad_y  # (R, D)
-        tiles = _tma_tiles(rows, w13, w2, counts)
+        tiles = ctx.tiles
         grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts, tiles)  # (R, F)
         hidden, grad_h13, grad_row_weight = swiglu_backward(h13, grad_hidden, ctx.use_triton, row_weight,
                                                             in_place=ctx.use_triton)  # hidden: w2's input
