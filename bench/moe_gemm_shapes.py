@@ -3,8 +3,9 @@
 Answers where a fine-grained layer's GEMM time goes: for each GEMM of the forward+backward (up [w1 | w3],
 down, and their input and weight gradients) on routed-like segment sizes, torch._grouped_mm with the shape's
 experts, torch._grouped_mm with 8 equal segments (fewer, larger groups), one torch.mm of the whole (R, K) x
-(K, N) product (cuBLAS: the ceiling for that shape with no grouping at all), and the Triton TMA grouped GEMM
-(kernels/grouped_gemm.py) where it applies (the M-grouped ones). Writes JSONL + a markdown table.
+(K, N) product (cuBLAS: the ceiling for that shape with no grouping at all), and ours: the Triton TMA grouped
+GEMM (kernels/grouped_gemm.py) for the M-grouped ones, and on Triton 3.6 the warp-specialised Gluon kernels
+(kernels/grouped_gemm_gluon.py) for all six. Writes JSONL + a markdown table.
     python bench/moe_gemm_shapes.py [--shapes all|a|b] [--out-dir bench/results]
 """
 import argparse
@@ -18,6 +19,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dist_moe.kernels import grouped_gemm  # noqa: E402
 from dist_moe.kernels.grouped_gemm import expert_tiles, grouped_mm  # noqa: E402
 
 SHAPES = {"a": dict(T=16384, d=2048, f=5632, E=8, k=2), "b": dict(T=16384, d=2048, f=1408, E=64, k=8)}
@@ -45,6 +47,9 @@ def bench_shape(name: str, s: dict) -> list[dict]:
             impls = {f"torch._grouped_mm, {E} segments": lambda: torch._grouped_mm(a.t(), b, offs=offsets),
                      "torch._grouped_mm, 8 equal segments": lambda: torch._grouped_mm(a.t(), b, offs=equal),
                      "torch.mm, one matrix": lambda: a.t() @ b}
+            if grouped_gemm.GLUON:
+                impls[f"gluon weight-gradient GEMM (ours), {E} segments"] = (
+                    lambda: grouped_gemm.grouped_mm_weight_grad_gluon(a, b, offsets))
         else:
             a = torch.randn(R, K, **bf16)
             w = torch.randn(E, N, K, **bf16).transpose(1, 2) if transposed else torch.randn(E, K, N, **bf16)
@@ -52,6 +57,9 @@ def bench_shape(name: str, s: dict) -> list[dict]:
                      "torch._grouped_mm, 8 equal segments": lambda: torch._grouped_mm(a, w[:8], offs=equal),
                      "torch.mm, one matrix": lambda: a @ w[0],
                      f"triton TMA grouped GEMM (ours), {E} segments": lambda: grouped_mm(a, w, tiles)}
+            if grouped_gemm.GLUON:
+                impls[f"gluon warp-specialised grouped GEMM (ours), {E} segments"] = (
+                    lambda: grouped_gemm.grouped_mm_gluon(a, w, tiles))
         for impl, fn in impls.items():
             ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
             row = dict(shape=name, gemm=gemm, impl=impl, R=R, K=K, N=N, E=E, ms=ms, tflops=2 * R * K * N / ms * 1e-9)

@@ -6,8 +6,10 @@ computes). One persistent launch for all experts, no host sync: operands move by
 BLOCK_N output tile belongs to one expert (an expert's rows start a fresh tile; a binary search over the
 prefix-summed tile counts finds it), and a tile whose last rows are the next expert's is stored through a
 descriptor clipped at the expert's end. Rows past the segments are not written. On Hopper the experts run
-their four row-grouped GEMMs (forward and input gradients) through it: it is 2-8% faster there than
-torch._grouped_mm (bench/results/moe_gemm_shapes_*); the weight gradients stay with torch._grouped_mm.
+their four row-grouped GEMMs (forward and input gradients) through it on Triton versions other than 3.6; on
+3.6, through the warp-specialised Gluon kernel of grouped_gemm_gluon.py (same contract and tile map, which also
+has the weight gradients' kernel): both are faster there than torch._grouped_mm
+(bench/results/moe_gemm_shapes_*).
 
 `swiglu(h13, row_weight)` = row_weight * silu(h1) * h3 for h13 = [h1 | h3] (the output of one GEMM against
 [w1 | w3]); the optional row weight is the gate weight, applied here rather than to the expert's output so
@@ -28,6 +30,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+GLUON = triton.__version__.startswith("3.6.") and not _INTERPRET  # Gluon's API moves between releases
+if GLUON:
+    from .grouped_gemm_gluon import grouped_mm_gluon, grouped_mm_weight_grad_gluon  # noqa: F401
 
 
 # The best of those measured at shape (b) on an H100 (moe_notes.md, version 6); small ones under the interpreter.
@@ -125,8 +130,8 @@ def _grouped_mm_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, num_m_tiles, 
             _store_rows(c_desc, C, N, acc.to(C.dtype.element_ty), row0, tn * BLOCK_N, row_end, N, BLOCK_M, BLOCK_N)
 
 
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors kernels make on the device (_store_rows)."""
+def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors kernels make on the device (_store_rows here, _store_tile in Gluon)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
@@ -145,7 +150,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torc
     sms = 4 if _INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
     programs = max(1, min(sms, num_m_tiles * triton.cdiv(N, BN)))  # persistent: each strides over the tiles
     if not _INTERPRET:
-        triton.set_allocator(_descriptor_scratch)
+        triton.set_allocator(descriptor_scratch)
     _grouped_mm_kernel[(programs,)](desc(x, [BM, BK]), b_desc, desc(out, [BM, BN]), out, *tiles, num_m_tiles, N, K,
                                     E, TRANS_B=trans_b, GROUP_M=_GROUP_M, SEARCH_STEPS=E.bit_length(),
                                     NUM_PROGRAMS=programs, **tile)

@@ -1,8 +1,9 @@
-"""Grouped GEMM and SwiGLU activation kernels (kernels/grouped_gemm.py) against float64 references.
+"""Grouped GEMM and SwiGLU activation kernels (kernels/grouped_gemm.py, grouped_gemm_gluon.py) against float64
+references.
 
 Without CUDA the Triton kernels run under TRITON_INTERPRET=1 (fp32, fp16, small shapes); with CUDA, bf16
-and larger shapes too (the TMA GEMM on Hopper only). Segment sizes include empty ones and sizes that are no
-multiple of any tile.
+and larger shapes too (the TMA GEMMs on Hopper only, the Gluon ones on Triton 3.6 only: no interpreter).
+Segment sizes include empty ones and sizes that are no multiple of any tile.
 """
 
 import pytest
@@ -22,8 +23,10 @@ TMA_DTYPES = [torch.bfloat16] if CUDA else [torch.float16]  # the TMA GEMM takes
 # interpreter's is 16 x 32 x 16; the H100's 128 x 256 x 64); rows past the last segment stay unwritten.
 TMA_CASES = [([3, 0, 17, 1, 40, 0], 32, 48), ([0, 0, 40], 24, 40), ([5, 9, 0, 2, 30], 48, 16)]
 if CUDA:
-    TMA_CASES += [([0, 700, 129, 1, 2000, 0, 64, 300], 512, 1408), ([2048] * 4, 2048, 1408)]
+    TMA_CASES += [([0, 700, 129, 1, 2000, 0, 64, 300], 512, 1408), ([2048] * 4, 2048, 1408),
+                  ([i * 37 % 300 for i in range(64)], 1408, 2816)]  # 64 experts, many tiles a program
 needs_tma = pytest.mark.skipif(CUDA and not HOPPER, reason="the TMA GEMM is built for Hopper")
+GLUON = HOPPER and gg.GLUON  # the Gluon kernel: compiled for Hopper only, no interpreter
 
 
 def relative_error(a, b):
@@ -37,18 +40,37 @@ def segments(sizes, *widths, dtype, tail=5):
 
 
 @needs_tma
+@pytest.mark.parametrize("kernel", ["triton", pytest.param("gluon", marks=pytest.mark.skipif(
+    not GLUON, reason="the Gluon kernel needs Hopper and Triton 3.6"))])
 @pytest.mark.parametrize("transposed", [False, True], ids=["w", "w^T"])
 @pytest.mark.parametrize("dtype", TMA_DTYPES, ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=str)
-def test_tma_grouped_mm_multiplies_each_segment_by_its_expert(case, dtype, transposed):
+def test_tma_grouped_mm_multiplies_each_segment_by_its_expert(case, dtype, transposed, kernel):
     """transposed: the weights are a (E, K, N) view of (E, N, K) storage, as for an input gradient."""
     sizes, K, N = case
     (x,), counts, tiles = segments(sizes, K, dtype=dtype)
     w = torch.randn(len(sizes), *((N, K) if transposed else (K, N)), device=DEVICE, dtype=dtype) / K ** 0.5
     w = w.transpose(1, 2) if transposed else w
-    out = gg.grouped_mm(x, w, tiles)
+    out = (gg.grouped_mm if kernel == "triton" else gg.grouped_mm_gluon)(x, w, tiles)
     n = sum(sizes)
     assert relative_error(out[:n], gg.grouped_mm_reference(x.double(), w.double(), counts)[:n]) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(not GLUON, reason="the Gluon kernel needs Hopper and Triton 3.6")
+@pytest.mark.parametrize("case", [([0, 700, 129, 1, 2000, 0, 64, 300], 512, 1408), ([3, 0, 17], 200, 40),
+                                  ([i * 37 % 300 for i in range(64)], 1408, 2048)], ids=str)
+def test_gluon_weight_grad_sums_each_segments_x_transposed_times_grad(case):
+    """K = 200 is no multiple of the 128 tile; the rows past every segment are NaN, which must never be read."""
+    sizes, K, N = case
+    n = sum(sizes)
+    (x, grad), counts, (ends, _) = segments(sizes, K, N, dtype=torch.bfloat16, tail=70)
+    x[n:], grad[n:] = float("nan"), float("nan")
+    out = gg.grouped_mm_weight_grad_gluon(x, grad, ends)
+    pairs = zip(x[:n].double().split(sizes), grad[:n].double().split(sizes))
+    expected = torch.stack([a.t() @ b for a, b in pairs])
+    assert out.shape == (len(sizes), K, N) and relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+    for e, size in enumerate(sizes):
+        assert size > 0 or torch.equal(out[e], torch.zeros_like(out[e]))
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "row_weighted"])

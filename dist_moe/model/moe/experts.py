@@ -2,8 +2,8 @@
 
 `SwiGLUExperts` holds this rank's E_local experts (w13 = [w1 | w3]: (E_local, D, 2F); w2: (E_local, F, D)) and
 runs them on rows already sorted by expert: one GEMM per contiguous segment, one launch and no host sync on
-CUDA (the Triton TMA grouped GEMM on Hopper for the row-grouped products, `torch._grouped_mm` for the rest and
-on other GPUs) and a loop over local experts elsewhere. Rows past the last segment (a routing plan's dropped
+CUDA (our TMA grouped GEMM on Hopper for the row-grouped products, `torch._grouped_mm` for the rest and on
+other GPUs) and a loop over local experts elsewhere. Rows past the last segment (a routing plan's dropped
 assignments) are not computed. Gate and up projection share one GEMM (twice as wide, so better shaped for
 narrow experts), and so does their input gradient, whose two halves the GEMM sums over K = 2F. The backward is
 written out (`_SwiGLUMLP`): it saves x and h13 = x w13 only, recomputes silu(h1) * h3 with the gradients in
@@ -58,10 +58,12 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
                tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Row segment i of x (R, K) times w[i] (K, M) -> (R, M); segment sizes tokens_per_expert (G,) sum to
     N <= R. Rows past N are left unwritten on CUDA (zero on the loop path): callers must not read them.
-    tiles = expert_tiles(tokens_per_expert) where the Triton TMA grouped GEMM applies (Hopper), which is faster
-    there than torch._grouped_mm."""
+    tiles = expert_tiles(tokens_per_expert) where our TMA grouped GEMMs apply (Hopper), which are faster there
+    than torch._grouped_mm: the warp-specialised Gluon kernel on Triton 3.6, the Triton kernel on other Triton
+    versions (both tile by 128 rows, so they share the map)."""
     if tiles is not None:
-        return grouped_gemm.grouped_mm(x, w, tiles)
+        kernel = grouped_gemm.grouped_mm_gluon if grouped_gemm.GLUON else grouped_gemm.grouped_mm
+        return kernel(x, w, tiles)
     if _cuda_grouped_mm(x, w):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         return torch._grouped_mm(x, w, offs=offsets)
@@ -70,9 +72,39 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tokens_per_expert: torch.Tensor
     return torch.cat(out + [x.new_zeros(x.shape[0] - sum(sizes), w.shape[2])])
 
 
-def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+_GLUON_WEIGHT_GRAD_FASTER: dict[tuple, bool] = {}  # shape -> measured verdict, see _gluon_weight_grad_faster
+
+
+def _cuda_ms(fn, reps: int = 3) -> float:
+    fn()  # compiles on first use
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _gluon_weight_grad_faster(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> bool:
+    """Whether the Gluon weight-gradient kernel beats torch._grouped_mm at this shape: timed once per shape (the
+    first backward syncs for it) and remembered, since neither wins everywhere (H100, shape (b): Gluon 10% faster
+    for w2's gradient, 8% slower for w13's). torch._grouped_mm takes bf16 only."""
+    key = (x.shape, grad.shape, ends.numel(), x.dtype)
+    if key not in _GLUON_WEIGHT_GRAD_FASTER:
+        gluon_ms = _cuda_ms(lambda: grouped_gemm.grouped_mm_weight_grad_gluon(x, grad, ends))
+        torch_ms = _cuda_ms(lambda: torch._grouped_mm(x.t(), grad, offs=ends)) if _cuda_grouped_mm(x, grad) else 1e9
+        _GLUON_WEIGHT_GRAD_FASTER[key] = gluon_ms <= torch_ms
+    return _GLUON_WEIGHT_GRAD_FASTER[key]
+
+
+def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_expert: torch.Tensor,
+                           tiles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Per expert i: x_i^T grad_i over its row segment -> (G, K, M) for x (R, K), grad (R, M); empty segments
-    give zeros. The weight gradient of grouped_mm."""
+    give zeros. The weight gradient of grouped_mm: given its tiles on Triton 3.6, by the Gluon kernel where that
+    measures faster than torch._grouped_mm."""
+    if tiles is not None and grouped_gemm.GLUON and _gluon_weight_grad_faster(x, grad, tiles[0]):
+        return grouped_gemm.grouped_mm_weight_grad_gluon(x, grad, tiles[0])
     if _cuda_grouped_mm(x, grad):
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         return torch._grouped_mm(x.t(), grad, offs=offsets)
@@ -82,7 +114,7 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
 
 
 def _tma_tiles(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, tokens_per_expert: torch.Tensor):
-    """The Triton grouped GEMM's tile map where it applies (built once per step), None elsewhere."""
+    """Our TMA grouped GEMMs' tile map where they apply (built once per step), None elsewhere."""
     if grouped_gemm.tma_applies(rows, w13, w2):
         return grouped_gemm.expert_tiles(tokens_per_expert)
     return None
@@ -118,9 +150,9 @@ class _SwiGLUMLP(torch.autograd.Function):
         grad_hidden = grouped_mm(grad_out, w2.transpose(1, 2), counts, tiles)  # (R, F)
         hidden, grad_h13, grad_row_weight = swiglu_backward(h13, grad_hidden, ctx.use_triton, row_weight,
                                                             in_place=ctx.use_triton)  # hidden: w2's input
-        grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts)
+        grad_w2 = grouped_mm_weight_grad(hidden, grad_out, counts, tiles)
         grad_rows = grouped_mm(grad_h13, w13.transpose(1, 2), counts, tiles)  # (R, D), both halves summed over K = 2F
-        grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts)
+        grad_w13 = grouped_mm_weight_grad(rows, grad_h13, counts, tiles)
         grad_x = gather_sum(grad_rows, row_index, ctx.use_triton) if routed else grad_rows
         return grad_x, grad_w13, grad_w2, None, None, None, grad_row_weight
 

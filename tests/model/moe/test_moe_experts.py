@@ -58,13 +58,14 @@ def test_cuda_grouped_mm_path_equals_fp32_loop_forward_and_backward():
 @pytest.mark.parametrize("dropless", [True, False], ids=["dropless", "cf_0.5"])
 def test_cuda_routed_experts_equal_the_fp32_cpu_path(dropless, monkeypatch):
     """Routed experts in bf16 on CUDA (token-major scatter, gate weight on the hidden rows, plain gather-sum;
-    on Hopper the Triton TMA grouped GEMM) against the same experts in fp32 on CPU: output and every gradient,
+    on Hopper our TMA grouped GEMM) against the same experts in fp32 on CPU: output and every gradient,
     the gate weights' included."""
     from dist_moe.kernels import grouped_gemm
     from dist_moe.model.moe.dispatch import expert_capacity, route
 
-    triton_gemm, calls = grouped_gemm.grouped_mm, []
-    monkeypatch.setattr(grouped_gemm, "grouped_mm", lambda *args: calls.append(args) or triton_gemm(*args))
+    name = "grouped_mm_gluon" if grouped_gemm.GLUON else "grouped_mm"  # the kernel the experts run on Hopper
+    tma_gemm, calls = getattr(grouped_gemm, name), []
+    monkeypatch.setattr(grouped_gemm, name, lambda *args: calls.append(args) or tma_gemm(*args))
 
     torch.manual_seed(1)
     T, E, k, D, F_ = 300, 8, 2, 128, 256
