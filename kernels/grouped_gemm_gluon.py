@@ -9,16 +9,17 @@ Why: in the Triton kernel each tile's first TMA loads are issued only after the 
 every tile starts with the pipeline empty; on the experts' short K (1408-2816, 22-44 blocks) that costs up to
 12%. Here one producer warp streams the A and B blocks of all of a program's tiles through a ring of STAGES
 slots, so the next tile's first blocks land while the two consumer warpgroups (64 rows of the 128 x 256 tile
-each) run the epilogue. Measured on an H100 at shape (b) (bench/results/moe_gemm_shapes_*, moe_notes.md): the
-row kernel 1-12% faster than the Triton kernel and 4-10% faster than torch._grouped_mm on each of the four
-row-grouped GEMMs; the weight-gradient kernel 10% faster than torch._grouped_mm for w2's gradient, 8% slower for
-w13's (the experts time both once per shape and keep the faster).
+each) run the epilogue. Measured on an H100 at shape (b), three runs (bench/results/moe_gemm_shapes_*,
+moe_notes.md version 7): the row kernel 0-12% faster than torch._grouped_mm on each of the four row-grouped
+GEMMs, and level with or up to 12% faster than the Triton kernel (once 2% slower); the weight-gradient kernel
+5-10% faster than torch._grouped_mm for w2's gradient, 8-11% slower for w13's (the experts time both once per
+shape and keep the faster).
 
 Tried and dropped (notes v7): two consumers with a 128 x 128 tile each taking turns (CUTLASS's ping-pong, so
 one's epilogue runs under the other's main loop), 556-595 TF/s against 578-655, as it reads twice the shared
-memory per FLOP; the SwiGLU pass in the up projection's epilogue, in the consumers (+0.42 ms against the 0.32 ms
-pass) or in a third partition of 2-4 warps (+0.12 ms): Triton 3.6 leaves it too few registers or warps to keep
-up with the main loop.
+memory per FLOP; the SwiGLU pass in the up projection's epilogue, in the consumers (+0.42 ms against the GEMM
+and the 0.32 ms pass) or in a third partition of 2-4 warps (+0.10-0.12 ms): Triton 3.6 leaves that partition
+too few registers or warps to keep up with the main loop.
 """
 import torch
 import triton
@@ -61,6 +62,19 @@ def _tile(t, plan, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.con
 # The ring: block number `count` (counted over all of a program's tiles) goes through slot count % STAGES; its
 # ready barrier flips when both TMA loads have landed, its empty barrier when the wgmma that read it is done.
 
+
+@gluon.jit
+def _allocate(a_desc, b_desc, c_desc, STAGES: gl.constexpr):
+    """Shared memory (STAGES A and B slots, the output tile) and the slots' ready and empty barriers."""
+    smem = (gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout),
+            gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout),
+            gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout))
+    bars = (gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),
+            gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()))
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars[0].index(s), count=1)
+        mbarrier.init(bars[1].index(s), count=1)
+    return smem, bars
 
 @gluon.jit
 def _load_block(a_desc, a_coords, b_desc, b_coords, smem, bars, count):
@@ -161,14 +175,7 @@ def _grouped_mm_gluon_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, E, N, K
                              STAGES: gl.constexpr, GROUP_M: gl.constexpr, SEARCH_STEPS: gl.constexpr,
                              NUM_PROGRAMS: gl.constexpr):
     BLOCK_N: gl.constexpr = c_desc.block_type.shape[1]
-    smem = (gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout),
-            gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout),
-            gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout))
-    bars = (gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),
-            gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()))
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars[0].index(s), count=1)
-        mbarrier.init(bars[1].index(s), count=1)
+    smem, bars = _allocate(a_desc, b_desc, c_desc, STAGES)
     descs = (a_desc, b_desc, c_desc)
     plan = (ENDS, TILE_ENDS, E, N, K)
     num_tiles = gl.load(TILE_ENDS + E - 1) * gl.cdiv(N, BLOCK_N)
@@ -178,18 +185,17 @@ def _grouped_mm_gluon_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, E, N, K
     ], [1], [24])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, GROUP_M): 128 accumulator registers a thread; three 48 KB slots and the
-# 64 KB output tile, 208 KB of shared memory. Two stages measured 22-28% slower; GROUP_M 16 within 1%.
-DEFAULT_CONFIG = (128, 256, 64, 3, 8)
+# Both kernels: a 128 x 256 tile (128 accumulator registers a thread) over 64-wide K blocks, three 48 KB slots and
+# the 64 KB output tile, 208 KB of shared memory; GROUP_M M-tiles sweep N together. Two stages measured 22-28%
+# slower, GROUP_M 16 within 1%. BLOCK_M is the Triton kernel's, so that both read one expert_tiles map.
+BM, BN, BK, STAGES, GROUP_M = 128, 256, 64, 3, 8
 
 
-def grouped_mm_gluon(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor],
-                     config: tuple = DEFAULT_CONFIG) -> torch.Tensor:
-    """Row segment e of x (R, K) times w[e] (K, N) -> (R, N) in x's dtype, for tiles = expert_tiles(segment sizes)
-    built with BLOCK_M = config[0]; w may be a transposed view of (E, N, K) weights. Rows past the segments are not
-    written. Hopper only, 16-bit, K and N multiples of 8 (`kernels.grouped_gemm.tma_applies`)."""
+def grouped_mm_gluon(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Row segment e of x (R, K) times w[e] (K, N) -> (R, N) in x's dtype, for tiles = expert_tiles(segment
+    sizes); w may be a transposed view of (E, N, K) weights. Rows past the segments are not written. Hopper
+    only, 16-bit, K and N multiples of 8 (`kernels.grouped_gemm.tma_applies`)."""
     (R, K), (E, _, N) = x.shape, w.shape
-    BM, BN, BK, stages, group_m = config
     dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     trans_b = w.stride(2) != 1
 
@@ -203,7 +209,7 @@ def grouped_mm_gluon(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor
     from .grouped_gemm import descriptor_scratch  # here: that module imports this one
     triton.set_allocator(descriptor_scratch)
     _grouped_mm_gluon_kernel[(programs,)](desc(x, [BM, BK]), b_desc, desc(out, [BM, BN]), out, *tiles, E, N, K,
-                                          TRANS_B=trans_b, STAGES=stages, GROUP_M=group_m,
+                                          TRANS_B=trans_b, STAGES=STAGES, GROUP_M=GROUP_M,
                                           SEARCH_STEPS=E.bit_length(), NUM_PROGRAMS=programs, num_warps=8)
     return out
 
@@ -265,14 +271,7 @@ def _weight_consumer(descs, smem, bars, ENDS, num_tiles, K, N, NUM_PROGRAMS: gl.
 @gluon.jit
 def _weight_grad_gluon_kernel(x_desc, g_desc, c_desc, X, G, ENDS, E, K, N, STAGES: gl.constexpr,
                               NUM_PROGRAMS: gl.constexpr):
-    smem = (gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout),
-            gl.allocate_shared_memory(g_desc.dtype, [STAGES] + g_desc.block_type.shape, g_desc.layout),
-            gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout))
-    bars = (gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()),
-            gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout()))
-    for s in gl.static_range(STAGES):
-        mbarrier.init(bars[0].index(s), count=1)
-        mbarrier.init(bars[1].index(s), count=1)
+    smem, bars = _allocate(x_desc, g_desc, c_desc, STAGES)
     descs = (x_desc, g_desc, c_desc)
     num_tiles = E * gl.cdiv(K, c_desc.block_type.shape[1]) * gl.cdiv(N, c_desc.block_type.shape[2])
     gl.warp_specialize([
@@ -281,18 +280,12 @@ def _weight_grad_gluon_kernel(x_desc, g_desc, c_desc, X, G, ENDS, E, K, N, STAGE
     ], [1], [24])
 
 
-# (BLOCK_M over K, BLOCK_N, BLOCK_K over rows, STAGES): the shapes and shared memory of DEFAULT_CONFIG.
-WEIGHT_GRAD_CONFIG = (128, 256, 64, 3)
-
-
-def grouped_mm_weight_grad_gluon(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor,
-                                 config: tuple = WEIGHT_GRAD_CONFIG) -> torch.Tensor:
+def grouped_mm_weight_grad_gluon(x: torch.Tensor, grad: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Per expert e: x_e^T grad_e over its rows [ends[e - 1], ends[e]) -> (E, K, N) in x's dtype (zeros for an
     empty segment), for x (R, K), grad (R, N) and ends (E,) int32 the cumulative segment sizes (expert_tiles'
     first). What torch._grouped_mm(x.t(), grad, offs=ends) computes. Hopper only, 16-bit, K and N multiples of
     8."""
-    K, N, E = x.shape[1], grad.shape[1], ends.shape[0]
-    BM, BN, BK, stages = config
+    K, N, E = x.shape[1], grad.shape[1], ends.shape[0]  # the tile: BM rows of K by BN columns, BK rows of x a block
     dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
 
     def desc(t, block):
@@ -304,5 +297,5 @@ def grouped_mm_weight_grad_gluon(x: torch.Tensor, grad: torch.Tensor, ends: torc
     from .grouped_gemm import descriptor_scratch  # here: that module imports this one
     triton.set_allocator(descriptor_scratch)
     _weight_grad_gluon_kernel[(programs,)](desc(x, [BK, BM]), desc(grad, [BK, BN]), desc(out, [1, BM, BN]), x, grad,
-                                           ends, E, K, N, STAGES=stages, NUM_PROGRAMS=programs, num_warps=8)
+                                           ends, E, K, N, STAGES=STAGES, NUM_PROGRAMS=programs, num_warps=8)
     return out
