@@ -92,3 +92,29 @@ def test_cuda_routed_experts_equal_the_fp32_cpu_path(dropless, monkeypatch):
     for theirs, ours in zip(*grads):
         torch.testing.assert_close(ours, theirs, rtol=3e-2, atol=3e-2 * theirs.abs().max().item())
     assert len(calls) == (4 if torch.cuda.get_device_capability()[0] == 9 else 0)  # up, down and their input grads
+
+
+def test_weight_gradient_kernel_is_chosen_once_per_shape_and_both_choices_agree():
+    """On Hopper with Triton 3.6 the experts time the Gluon weight-gradient kernel against torch._grouped_mm once
+    per shape and keep the faster; whichever is kept, the gradient is the float64 one."""
+    from dist_moe.kernels import grouped_gemm
+    from dist_moe.model.moe import experts
+
+    if not (torch.cuda.is_available() and grouped_gemm.GLUON and torch.cuda.get_device_capability()[0] == 9):
+        pytest.skip("the Gluon weight-gradient kernel runs on Hopper with Triton 3.6")
+    torch.manual_seed(2)
+    counts = torch.tensor([300, 0, 1000, 129, 64], device="cuda")
+    x = torch.randn(1500, 256, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(1500, 384, device="cuda", dtype=torch.bfloat16)
+    tiles = grouped_gemm.expert_tiles(counts)
+    pairs = zip(x[:1493].double().split(counts.tolist()), grad[:1493].double().split(counts.tolist()))
+    expected = torch.stack([a.t() @ b for a, b in pairs])
+    experts._GLUON_WEIGHT_GRAD_FASTER.clear()
+    results = []
+    for _ in range(2):
+        out = experts.grouped_mm_weight_grad(x, grad, counts, tiles)
+        ((key, verdict),) = experts._GLUON_WEIGHT_GRAD_FASTER.items()  # timed once, remembered
+        results.append(out)
+        experts._GLUON_WEIGHT_GRAD_FASTER[key] = not verdict  # the other kernel next
+    for out in results:
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 1.6e-2
