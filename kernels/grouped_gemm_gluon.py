@@ -18,8 +18,8 @@ shape and keep the faster).
 Tried and dropped (notes v7): two consumers with a 128 x 128 tile each taking turns (CUTLASS's ping-pong, so
 one's epilogue runs under the other's main loop), 556-595 TF/s against 578-655, as it reads twice the shared
 memory per FLOP; the SwiGLU pass in the up projection's epilogue, in the consumers (+0.42 ms against the GEMM
-and the 0.32 ms pass) or in a third partition of 2-4 warps (+0.10-0.12 ms): Triton 3.6 leaves that partition
-too few registers or warps to keep up with the main loop.
+and the 0.32 ms pass) or in a third partition of 2-4 warps (+0.10-0.12 ms): two warps cannot keep up with the
+main loop, and four fit beside the consumers only without the producer warp.
 """
 import torch
 import triton
