@@ -191,24 +191,30 @@ def _grouped_mm_gluon_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, E, N, K
 BM, BN, BK, STAGES, GROUP_M = 128, 256, 64, 3, 8
 
 
+def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """A TMA descriptor over t (16-bit) with its block's default NVMMA shared layout."""
+    dtype = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def _persistent_programs(device: torch.device, max_tiles: int) -> int:
+    """One program an SM (fewer if there are fewer tiles), each striding over the tiles. Also gives Triton the
+    global memory the kernels' device-made descriptors need."""
+    from .grouped_gemm import descriptor_scratch  # here: that module imports this one
+    triton.set_allocator(descriptor_scratch)
+    return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, max_tiles))
+
+
 def grouped_mm_gluon(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Row segment e of x (R, K) times w[e] (K, N) -> (R, N) in x's dtype, for tiles = expert_tiles(segment
     sizes); w may be a transposed view of (E, N, K) weights. Rows past the segments are not written. Hopper
     only, 16-bit, K and N multiples of 8 (`kernels.grouped_gemm.tma_applies`)."""
     (R, K), (E, _, N) = x.shape, w.shape
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     trans_b = w.stride(2) != 1
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
-
-    b_desc = desc(w.transpose(1, 2).reshape(E * N, K), [BN, BK]) if trans_b else desc(w.reshape(E * K, N), [BK, BN])
+    b_desc = _desc(w.transpose(1, 2).reshape(E * N, K), [BN, BK]) if trans_b else _desc(w.reshape(E * K, N), [BK, BN])
     out = x.new_empty(R, N)
-    max_tiles = (triton.cdiv(R, BM) + E) * triton.cdiv(N, BN)
-    programs = max(1, min(torch.cuda.get_device_properties(x.device).multi_processor_count, max_tiles))
-    from .grouped_gemm import descriptor_scratch  # here: that module imports this one
-    triton.set_allocator(descriptor_scratch)
-    _grouped_mm_gluon_kernel[(programs,)](desc(x, [BM, BK]), b_desc, desc(out, [BM, BN]), out, *tiles, E, N, K,
+    programs = _persistent_programs(x.device, (triton.cdiv(R, BM) + E) * triton.cdiv(N, BN))
+    _grouped_mm_gluon_kernel[(programs,)](_desc(x, [BM, BK]), b_desc, _desc(out, [BM, BN]), out, *tiles, E, N, K,
                                           TRANS_B=trans_b, STAGES=STAGES, GROUP_M=GROUP_M,
                                           SEARCH_STEPS=E.bit_length(), NUM_PROGRAMS=programs, num_warps=8)
     return out
@@ -286,16 +292,8 @@ def grouped_mm_weight_grad_gluon(x: torch.Tensor, grad: torch.Tensor, ends: torc
     first). What torch._grouped_mm(x.t(), grad, offs=ends) computes. Hopper only, 16-bit, K and N multiples of
     8."""
     K, N, E = x.shape[1], grad.shape[1], ends.shape[0]  # the tile: BM rows of K by BN columns, BK rows of x a block
-    dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-
-    def desc(t, block):
-        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
-
     out = x.new_empty(E, K, N)
-    num_tiles = E * triton.cdiv(K, BM) * triton.cdiv(N, BN)
-    programs = max(1, min(torch.cuda.get_device_properties(x.device).multi_processor_count, num_tiles))
-    from .grouped_gemm import descriptor_scratch  # here: that module imports this one
-    triton.set_allocator(descriptor_scratch)
-    _weight_grad_gluon_kernel[(programs,)](desc(x, [BK, BM]), desc(grad, [BK, BN]), desc(out, [1, BM, BN]), x, grad,
-                                           ends, E, K, N, STAGES=STAGES, NUM_PROGRAMS=programs, num_warps=8)
+    programs = _persistent_programs(x.device, E * triton.cdiv(K, BM) * triton.cdiv(N, BN))
+    _weight_grad_gluon_kernel[(programs,)](_desc(x, [BK, BM]), _desc(grad, [BK, BN]), _desc(out, [1, BM, BN]), x,
+                                           grad, ends, E, K, N, STAGES=STAGES, NUM_PROGRAMS=programs, num_warps=8)
     return out

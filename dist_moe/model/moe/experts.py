@@ -105,8 +105,8 @@ def grouped_mm_weight_grad(x: torch.Tensor, grad: torch.Tensor, tokens_per_exper
     measures faster than torch._grouped_mm."""
     if tiles is not None and grouped_gemm.GLUON and _gluon_weight_grad_faster(x, grad, tiles[0]):
         return grouped_gemm.grouped_mm_weight_grad_gluon(x, grad, tiles[0])
-    if _cuda_grouped_mm(x, grad):
-        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+    if _cuda_grouped_mm(x, grad):  # the tile map's first half is these offsets already
+        offsets = tiles[0] if tiles is not None else torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         return torch._grouped_mm(x.t(), grad, offs=offsets)
     sizes = tokens_per_expert.tolist()
     pairs = zip(x[:sum(sizes)].split(sizes), grad[:sum(sizes)].split(sizes))
