@@ -136,6 +136,11 @@ def _router_backward_kernel(PROBS, LSE, INDICES, GRAD_WEIGHTS, FRACTIONS, GRAD_A
     tl.store(GRAD_LOGITS + tokens[:, None] * E + experts[None, :], grad, mask=mask)
 
 
+# The one-program reduction and scan walk their (blocks, E_PAD) input this many values a step. Twice as many over
+# 8 warps measured no faster for the scan (H200, shape (b): 57 us in 16 steps against 51 us in 32 on the H100).
+_SERIAL_TILE = 4096
+
+
 def _block_tokens(num_experts: int, elements: int) -> int:
     """Tokens per program so that one (tokens, E_PAD) tile holds about `elements` values."""
     return max(16, elements // triton.next_power_of_2(num_experts))
@@ -157,7 +162,7 @@ class _FusedRouter(torch.autograd.Function):
         fractions, aux, z, stats = new(E), new(), new(), new(2)
         num_chosen = T if top_k <= 2 else T * top_k
         _router_reduce_kernel[(1,)](prob_sums, counts, scalars, fractions, aux, z, stats, num_blocks, T, E, num_chosen,
-                                    E_PAD=e_pad, BLOCK_B=max(1, 4096 // e_pad), num_warps=4)
+                                    E_PAD=e_pad, BLOCK_B=max(1, _SERIAL_TILE // e_pad), num_warps=4)
         ctx.save_for_backward(probs, lse, indices, fractions)
         ctx.mark_non_differentiable(indices, stats)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
@@ -286,7 +291,7 @@ class _FusedRoute(torch.autograd.Function):
         tokens_per_expert, starts, dropped = new(num_experts, dtype=torch.int64), new(2 * e_pad), new(dtype=torch.int64)
         _route_histogram_kernel[(num_blocks,)](indices, hist, T, K=K, BLOCK_T=block, E_PAD=e_pad, num_warps=4)
         _route_scan_kernel[(1,)](hist, offsets, tokens_per_expert, starts, dropped, K * num_blocks, num_experts,
-                                 capacity, T * K, E_PAD=e_pad, BLOCK_G=max(1, 4096 // e_pad), num_warps=4)
+                                 capacity, T * K, E_PAD=e_pad, BLOCK_G=max(1, _SERIAL_TILE // e_pad), num_warps=4)
         token_index, row_index = new(T * K, dtype=torch.int64), new(T, K, dtype=torch.int64)
         combine, kept = new(T, K, dtype=torch.float32), new(T, K, dtype=torch.bool)
         eps = torch.finfo(torch.float32).eps

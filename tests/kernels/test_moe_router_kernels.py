@@ -10,7 +10,9 @@ onto a few experts.
 
 import pytest
 import torch
+import triton
 
+from dist_moe.kernels import moe_router
 from dist_moe.kernels.moe_router import fused_route, fused_router, router_logits
 from dist_moe.model.moe.dispatch import expert_capacity, route
 from dist_moe.model.moe.router import top_k_gating
@@ -152,3 +154,12 @@ def test_fused_route_weight_gradient_when_every_choice_of_a_token_is_dropped():
     plan.combine_weights.sum().backward()
     combine.sum().backward()
     torch.testing.assert_close(fused_weights.grad.cpu(), ref_weights.grad)
+
+
+@pytest.mark.parametrize("T,E,k", [(201, 64, 2), (2500, 4, 1)], ids=str)
+def test_one_program_reduction_and_scan_carry_their_sums_across_many_steps(T, E, k, monkeypatch):
+    """The router's reduction and the plan's scan walk their per-block rows in steps of _SERIAL_TILE values,
+    one step at the shapes above: a small tile makes them take many, carrying the partial sums between."""
+    monkeypatch.setattr(moe_router, "_SERIAL_TILE", 4 * triton.next_power_of_2(E))  # 4 rows a step
+    test_fused_router_equals_torch_gating_values_and_logit_gradients(T, E, k, skew=True)
+    test_fused_route_equals_route_bit_for_bit(T, E, k, skew=True, factor=0.5, normalize=True)
