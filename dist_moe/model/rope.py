@@ -59,8 +59,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """x (B, H, T, D) at positions offset..offset+T-1; computed in float32, returned in x's dtype."""
+    """x (B, H, T, D) at positions offset..offset+T-1; computed in float32, returned in x's dtype. On CUDA
+    through the one-pass Triton kernel (kernels/rope.py), which computes this same formula."""
     T = x.shape[-2]
     cos, sin = cos[offset:offset + T], sin[offset:offset + T]  # (T, D)
+    if x.is_cuda:
+        from dist_moe.kernels import rope as kernel
+
+        if kernel.supports(x, cos, sin):
+            return kernel.rope(x, cos, sin)
     xf = x.float()
     return (xf * cos + rotate_half(xf) * sin).to(x.dtype)

@@ -106,7 +106,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, ctx: DistContext):
     t = cfg.train
     model.to(ctx.device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
-                                  betas=(t.beta1, t.beta2), eps=1e-8)
+                                  betas=(t.beta1, t.beta2), eps=1e-8, fused=True)  # one pass, not ~10
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,

@@ -91,3 +91,32 @@ def test_model_on_cuda_with_the_flash_kernel_matches_cpu():
     torch.testing.assert_close(gpu.aux_loss.cpu(), expected.aux_loss, atol=1e-4, rtol=1e-4)
     (gpu.logits.logsumexp(-1).mean() + gpu.aux_loss).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x64 = x.double()
+    return x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_its_gradients_match_a_float64_reference(dtype):
+    from dist_moe.model.transformer import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(96))
+    x = (3 * torch.randn(5, 7, 96)).to(dtype).requires_grad_()
+    grad_out = torch.randn(5, 7, 96).to(dtype)
+    y = norm(x)
+    y.backward(grad_out)
+
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    y64 = rms_norm_reference(x64, w64, 1e-5)
+    y64.backward(grad_out.double())
+    assert y.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]  # bf16: one rounding of a value of size ~1
+    torch.testing.assert_close(y.double(), y64, rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, rtol=tol, atol=tol * 10)  # a sum of 35 terms
