@@ -1,8 +1,8 @@
 """Rotary position embedding in one pass over x, forward and backward, in Triton.
 
-`rope(x, cos, sin)` must equal `rope_reference(x, cos, sin)` below, which is dist_moe.model.rope.apply_rope's
-formula: x (B, H, T, D) in the rotate-half layout, cos and sin (T, D) float32, computed in float32 and
-returned in x's dtype. PyTorch spends about eight passes over a float32 copy of x on that formula (and as
+`rope(x, cos, sin)` must equal the PyTorch path of dist_moe.model.rope.apply_rope, x * cos + rotate_half(x)
+* sin: x (B, H, T, D) in the rotate-half layout, cos and sin (T, D) float32, computed in float32 and returned
+in x's dtype. PyTorch spends about eight passes over a float32 copy of x on that formula (and as
 many again in the backward); this kernel reads x once and writes the result once. The backward applies the
 transposed rotation to the gradient with the same kernel. x may be any strided view whose last dimension is
 contiguous, e.g. the (B, T, H, D) projection transposed to (B, H, T, D); the result has x's layout.
@@ -14,13 +14,6 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin in float32, where rotate_half(x) = cat(-x[D/2:], x[:D/2])."""
-    xf = x.float()
-    first, second = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat([-second, first], dim=-1) * sin).to(x.dtype)
 
 
 @triton.jit
@@ -86,7 +79,7 @@ def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """rope_reference(x, cos, sin) for x (B, H, T, D), cos and sin (T, D) float32; differentiable in x."""
+    """x * cos + rotate_half(x) * sin for x (B, H, T, D), cos and sin (T, D) float32; differentiable in x."""
     if not supports(x, cos, sin):
         raise ValueError(f"rope kernel: unsupported x {tuple(x.shape)} {x.dtype} on {x.device} with cos "
                          f"{tuple(cos.shape)} {cos.dtype} (see supports())")
