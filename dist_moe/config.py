@@ -101,6 +101,8 @@ class TrainConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+    grad_accum_dtype: str = _f("auto", "dtype micro-step gradients are summed in: auto (fp32, except bf16 under "
+                                       "ZeRO-0/1, where DeepSpeed cannot) | fp32 | bf16")
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2")
     seed: int = _f(1337, "seed for weights, data order and router noise")
     eval_every: int = _f(50, "evaluate on the val split every N steps (and at the end)")
@@ -149,6 +151,7 @@ CHOICES = {
     "moe.noise": ("none", "learned", "jitter", "rsample"),
     "moe.impl": ("dist_moe", "deepspeed"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.grad_accum_dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "cluster.kind": ("local", "ray"),
     "resume": ("never", "auto"),
@@ -382,6 +385,24 @@ def use_bf16(cfg: Config, device_type: str) -> bool:
     return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device_type == "cuda")
 
 
+def grad_accum_dtype(cfg: Config, device_type: str) -> str:
+    """fp32 or bf16: what gradients are summed in across micro steps.
+
+    With bf16 parameters DeepSpeed sums them in fp32 only under ZeRO-2 (ZeRO-1 would switch to its
+    BF16_Optimizer, whose checkpoints differ; ZeRO-0 refuses), so auto means fp32 wherever that is possible.
+    """
+    choice, bf16, stage = cfg.train.grad_accum_dtype, use_bf16(cfg, device_type), cfg.train.zero_stage
+    if choice == "fp32" and bf16 and stage != 2:
+        raise ConfigError(f"config key 'train.grad_accum_dtype' = 'fp32': expected auto or bf16 with bf16 "
+                          f"parameters under train.zero_stage={stage} (DeepSpeed sums in fp32 only under ZeRO-2)")
+    if choice == "bf16" and not bf16:
+        raise ConfigError("config key 'train.grad_accum_dtype' = 'bf16': expected auto or fp32 with fp32 "
+                          "parameters (train.precision)")
+    if choice == "auto":
+        return "bf16" if bf16 and stage != 2 else "fp32"
+    return choice
+
+
 def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
     """The DeepSpeed JSON config this run hands to deepspeed.initialize."""
     t = cfg.train
@@ -396,4 +417,6 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO-1/2
     }
+    if grad_accum_dtype(cfg, device_type) == "fp32" and use_bf16(cfg, device_type):
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's default is the parameters' dtype
     return ds

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_moe.atomic import write_bytes_atomic
-from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, to_yaml
+from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, grad_accum_dtype, to_yaml
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import TokenSampler
 from dist_moe.model.transformer import Transformer, num_parameters
@@ -96,7 +96,9 @@ def run(cfg: Config) -> dict:
     flops_per_token = training_flops_per_token(cfg, active_params)
     peak = peak_flops(ctx.device)
     say(ctx, f"model: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token; "
-             f"{ctx.world_size} rank(s) on {ctx.device.type}, EP={cfg.moe.ep_size}, ZeRO-{cfg.train.zero_stage}")
+             f"{ctx.world_size} rank(s) on {ctx.device.type}, EP={cfg.moe.ep_size}, ZeRO-{cfg.train.zero_stage}"
+             + (f"; gradients summed over {cfg.train.grad_accum_steps} micro steps in "
+                f"{grad_accum_dtype(cfg, ctx.device.type)}" if cfg.train.grad_accum_steps > 1 else ""))
 
     def save(at_step: int) -> None:
         state = {"step": at_step, "sampler": sampler.state_dict(), "ep_size": cfg.moe.ep_size}
