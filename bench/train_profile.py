@@ -28,6 +28,7 @@ from dist_moe import cli  # noqa: E402
 from dist_moe.train import loop  # noqa: E402
 
 FAMILIES = [("flash attention", r"attn|attention"), ("MoE grouped GEMMs", r"grouped_mm|weight_grad|GroupProblemShape"),
+            ("LM-head cross-entropy", r"cross_entropy|SoftMax|nll_loss"),
             ("other GEMMs", r"gemm|nvjet|xmma|cutlass|cublas"), ("NCCL", r"nccl"),
             ("MoE permute / SwiGLU / router", r"swiglu|scatter_rows|gather_sum|route|router"),
             ("optimizer (foreach, multi-tensor)", r"foreach|multi_tensor")]
@@ -110,7 +111,8 @@ def report(prof, wall_ms: float, ceiling: float, args) -> None:
              f"GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}; bf16 matmul 8192^3: "
              f"{ceiling:.0f} TFLOP/s.", "", f"Command: `python bench/train_profile.py {' '.join(sys.argv[1:])}`", "",
              f"Wall time per step (device synchronised): {wall_ms:.1f} ms; device busy {busy:.1f} ms "
-             f"({busy / wall_ms:.0%}); idle {wall_ms - busy:.1f} ms.", "",
+             f"({busy / wall_ms:.0%}); idle {wall_ms - busy:.1f} ms. Peak memory allocated: "
+             f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB.", "",
              "Engine calls per step (wall, synchronised): " + ", ".join(
                  f"{name} {ms / args.active:.1f} ms" for name, ms in PHASE_MS.items()) + ".", "",
              "| kernel family | ms per step | share of wall |", "|---|---|---|"]

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, grad_accum_dtype, to_yaml
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import TokenSampler
+from dist_moe.model.loss import cross_entropy
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
@@ -162,7 +162,7 @@ def train_step(cfg: Config, engine, sampler: TokenSampler, ctx: DistContext,
         x, y = (t.to(ctx.device, non_blocking=True) for t in sampler.next_batch())
         out = engine(x)
         expert_load.accumulate()
-        ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+        ce = cross_entropy(out.logits, y)
         loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
         engine.backward(loss)
         engine.step()
@@ -180,7 +180,7 @@ def evaluate(cfg: Config, engine, val_path: Path, ctx: DistContext) -> float:
     total = torch.zeros((), device=ctx.device)
     for x, y in val.eval_batches(cfg.train.eval_batches):
         x, y = x.to(ctx.device), y.to(ctx.device)
-        total += F.cross_entropy(engine(x).logits.float().flatten(0, 1), y.flatten())
+        total += cross_entropy(engine(x).logits, y)
     torch.distributed.all_reduce(total)
     return total.item() / (cfg.train.eval_batches * ctx.world_size)
 
