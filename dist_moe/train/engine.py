@@ -23,6 +23,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_process_group: bool  # created here (not by Ray Train), so the run destroys it when it ends
 
     @property
     def is_main(self) -> bool:
@@ -53,22 +54,23 @@ def init_distributed(cfg: Config) -> DistContext:
     device_type = pick_device_type(cfg)
     if device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+    owns_process_group = not torch.distributed.is_initialized()
+    if owns_process_group and "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        if owns_process_group:  # bound to this rank's GPU, so NCCL need not guess it from the rank
+            torch.distributed.init_process_group("nccl", device_id=device)
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     check_world_size(cfg, world_size)
-    return DistContext(rank, world_size, local_rank, device)
+    return DistContext(rank, world_size, local_rank, device, owns_process_group)
 
 
 def lr_lambda(cfg: Config):

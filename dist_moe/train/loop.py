@@ -150,6 +150,8 @@ def run(cfg: Config) -> dict:
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"run dir: {run_dir}\nTensorBoard: dist-moe tensorboard {run_dir}", flush=True)
+    if ctx.owns_process_group:
+        torch.distributed.destroy_process_group()
     return summary
 
 
