@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():  # a log file (SLURM, Ray, nohup): progress bars redraw every 30 s, not 10 times a
+        os.environ.setdefault("TQDM_MININTERVAL", "30")  # second (tqdm reads it on import; workers inherit it)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)  # key=value items may also come after options
     positional = getattr(args, "items", getattr(args, "overrides", None))

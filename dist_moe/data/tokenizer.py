@@ -137,7 +137,7 @@ def _spinner(desc: str, enabled: bool) -> Iterator[None]:
     done = threading.Event()
 
     def tick() -> None:
-        while not done.wait(0.5):
+        while not done.wait(max(0.5, bar.mininterval)):
             bar.refresh()
 
     thread = threading.Thread(target=tick, daemon=True)
