@@ -35,5 +35,16 @@ def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
     except Exception as exc:
         if debug:
             raise
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+            print(f"error: {out_of_memory_advice(exc)}", file=sys.stderr)
+            return 1
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def out_of_memory_advice(exc: BaseException) -> str:
+    """torch's first two sentences (what and how much), then what to change: the global batch stays the same."""
+    what = ". ".join(str(exc).split(". ")[:2]).rstrip(".")
+    return (f"{what}. Lower train.micro_batch_size and raise train.grad_accum_steps by the same factor (the "
+            "global batch, and so the run, stays the same), or spread the model over more GPUs (moe.ep_size, "
+            "train.zero_stage=2)")
