@@ -48,16 +48,17 @@ def test_cross_entropy_kernel_matches_float64_forward_and_backward(dtype, N, V, 
 
 
 def test_cross_entropy_kernel_reads_rows_by_their_stride():
-    """A (B, T, V) slice flattened to rows with a stride wider than V, and targets from a transposed view."""
+    """Rows with a stride wider than V (a slice of wider logits), and int32 targets from a transposed view."""
     g = torch.Generator().manual_seed(3)
     wide = torch.randn(6, 70, generator=g).to(DEVICE)
     logits = wide[:, :50].requires_grad_()  # rows 70 apart
-    targets = torch.randint(0, 50, (6, 1), generator=g).to(DEVICE).t()[0]
+    targets = torch.randint(0, 50, (6, 2), generator=g).to(DEVICE, torch.int32).t()[0]  # stride 2
     loss = kernel.cross_entropy(logits, targets)
     loss.backward()
     logits64 = logits.detach().double().requires_grad_()
-    cross_entropy_float64(logits64, targets).backward()
-    assert loss.item() == pytest.approx(cross_entropy_float64(logits64, targets).item(), rel=1e-6)
+    loss64 = cross_entropy_float64(logits64, targets.long())
+    loss64.backward()
+    assert loss.item() == pytest.approx(loss64.item(), rel=1e-6)
     torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-5, atol=1e-7)
 
 
