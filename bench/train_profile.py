@@ -5,10 +5,10 @@ train_step so that torch.profiler records `--active` steps after `--skip` warm-u
 synchronised at each recorded step's end, and times the DeepSpeed engine's forward, backward and step calls
 in those steps (synchronising around each). As soon as those steps are done it prints and writes
 (bench/results/train_profile_<gpu>_<date>[_<tag>].md) the measured bf16 matmul ceiling (8192^3), wall time
-per step and per engine call, device time per step by kernel family (flash attention, the MoE layer's
-grouped GEMMs, other GEMMs, NCCL, the rest), idle time and the top kernels, then exits (no final eval or
-checkpoint). The loop's own tokens/s and MFU lines come above it; MFU counts 6*N_active + 12*L*d_attn*S
-FLOPs per token (BENCHMARKS.md).
+per step and per engine call, peak memory, device time per step by kernel family (flash attention, the MoE
+layer's grouped GEMMs, the LM-head cross-entropy, other GEMMs, NCCL, the rest), idle time and the top
+kernels, then exits (no final eval or checkpoint). The loop's own tokens/s and MFU lines come above it; MFU
+counts 6*N_active + 12*L*d_attn*S FLOPs per token (BENCHMARKS.md).
     python bench/train_profile.py medium train.max_steps=20 data.max_corpus_mb=20 [--skip 14 --active 3 --tag x]
 """
 import argparse
