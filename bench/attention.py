@@ -7,10 +7,7 @@ inputs, and each output is checked against cuDNN's before it is timed. Writes JS
     python bench/attention.py [--shapes all|quick] [--out-dir bench/results]
 """
 import argparse
-import datetime
 import json
-import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +16,8 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:
@@ -108,16 +107,9 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py: needs a CUDA GPU")
-    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, command="python " + shlex.join(sys.argv))
-    rows = [dict(meta, **row) for shape in SHAPES[args.shapes] for row in bench_shape(*shape)]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"attention_{re.sub('[^a-z0-9]+', '_', meta['gpu'].lower())}_{meta['date']}"
-    (out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = markdown(rows, meta)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    meta = run_meta()
+    rows = [row for shape in SHAPES[args.shapes] for row in bench_shape(*shape)]
+    write_results(args.out_dir, "attention", meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

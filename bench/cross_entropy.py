@@ -11,16 +11,15 @@ forward+backward allocates beyond the logits themselves. Writes JSONL + a markdo
     python bench/cross_entropy.py [--out-dir bench/results]
 """
 import argparse
-import datetime
 import json
-import re
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
+
+from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:
@@ -104,16 +103,9 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/cross_entropy.py: needs a CUDA GPU")
-    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, command="python " + shlex.join(sys.argv))
-    rows = [dict(meta, **row) for shape in SHAPES for row in bench_shape(*shape)]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"cross_entropy_{re.sub('[^a-z0-9]+', '_', meta['gpu'].lower())}_{meta['date']}"
-    (out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table = markdown(rows, meta)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    meta = run_meta()
+    rows = [row for shape in SHAPES for row in bench_shape(*shape)]
+    write_results(args.out_dir, "cross_entropy", meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":

@@ -9,10 +9,7 @@ Forward+backward step time is the median over steps (CUDA events, after warm-up)
     python bench/expert_parallel.py [--gpus N] [--out-dir bench/results]
 """
 import argparse
-import datetime
-import json
 import os
-import re
 import shlex
 import socket
 import statistics
@@ -22,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402
@@ -124,18 +123,9 @@ def worker(rank: int, world: int, port: int, out_dir: str, command: str) -> None
     group = expert_parallel_group(world)
     rows = bench_dispatch(world, group, rank) + bench_weak_scaling(world, group)
     if rank == 0:
-        import triton
-
-        meta = dict(date=datetime.date.today().isoformat(), gpu=f"{world}x {torch.cuda.get_device_name()}",
-                    torch=torch.__version__, triton=triton.__version__, nccl=".".join(map(str, torch.cuda.nccl.version())),
-                    command=command)
-        rows = [dict(meta, **r) for r in rows]
-        stem = f"ep_{re.sub('[^a-z0-9]+', '_', meta['gpu'].lower())}_{meta['date']}"
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        table = markdown(rows, meta)
-        (Path(out_dir) / f"{stem}.md").write_text(table)
-        print(table, flush=True)
+        meta = run_meta(gpu=f"{world}x {torch.cuda.get_device_name()}", command=command,
+                        nccl=".".join(map(str, torch.cuda.nccl.version())))
+        write_results(out_dir, "ep", meta, rows, markdown(rows, meta))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -9,14 +9,14 @@ GEMM (kernels/grouped_gemm.py) for the M-grouped ones, and on Triton 3.6 the war
     python bench/moe_gemm_shapes.py [--shapes all|a|b] [--out-dir bench/results]
 """
 import argparse
-import datetime
 import json
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 import triton
+
+from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.kernels import grouped_gemm  # noqa: E402
@@ -74,19 +74,15 @@ def main():
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     rows = [r for n, s in SHAPES.items() if args.shapes in ("all", n) for r in bench_shape(n, s)]
-    gpu, date = torch.cuda.get_device_name(), datetime.date.today().isoformat()
-    stem = Path(args.out_dir) / f"moe_gemm_shapes_{gpu.lower().replace(' ', '_')}_{date}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    lines = [f"# Expert GEMMs of one MoE layer step, {date}", "",
-             f"GPU: {gpu}; torch {torch.__version__}, triton {triton.__version__}; bf16, median of do_bench; "
+    meta = run_meta()
+    lines = [f"# Expert GEMMs of one MoE layer step, {meta['date']}", "",
+             f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, median of do_bench; "
              "R = k*T rows on random routing; TFLOP/s = 2*R*K*N / time.", "",
-             f"Command: `{shlex.join(['python', *sys.argv])}`", "",
+             f"Command: `{meta['command']}`", "",
              "| shape | GEMM | R x K x N | implementation | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} | {r['gemm']} | {r['R']} x {r['K']} x {r['N']} | {r['impl']} | {r['ms']:.3f} | "
               f"{r['tflops']:.0f} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(stem.with_suffix(".md").read_text())
+    write_results(args.out_dir, "moe_gemm_shapes", meta, rows, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,8 @@ column-major) against the Triton grouped GEMM (kernels/grouped_gemm.py). Writes 
     python bench/moe_layer.py [--shapes all|a|b] [--out-dir bench/results] [--profile]
 """
 import argparse
-import datetime
 import json
 import os
-import re
-import shlex
 import sys
 from pathlib import Path
 
@@ -22,6 +19,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch import nn
+
+from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402
@@ -334,19 +333,11 @@ def main():
                            LOCAL_RANK="0").items():
         os.environ.setdefault(key, value)
     torch.distributed.init_process_group("nccl")  # DeepSpeed's MoE needs its (size-1) expert groups
-    meta = dict(date=datetime.date.today().isoformat(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, deepspeed=version("deepspeed"), transformers=version("transformers"),
-                command="python " + shlex.join(sys.argv))
+    meta = run_meta(deepspeed=version("deepspeed"), transformers=version("transformers"))
     shapes = list(SHAPES) if args.shapes == "all" else [args.shapes]
-    layer_rows = [dict(meta, **r) for name in shapes for r in bench_layers(name, SHAPES[name], args.profile)]
-    gemm_rows = [] if args.no_gemms else [dict(meta, **r) for name in shapes for r in bench_gemms(name, SHAPES[name])]
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"moe_layer_{re.sub('[^a-z0-9]+', '_', meta['gpu'].lower())}_{meta['date']}"
-    (out / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in layer_rows + gemm_rows))
-    table = markdown(layer_rows, gemm_rows, meta)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
+    layer_rows = [r for name in shapes for r in bench_layers(name, SHAPES[name], args.profile)]
+    gemm_rows = [] if args.no_gemms else [r for name in shapes for r in bench_gemms(name, SHAPES[name])]
+    write_results(args.out_dir, "moe_layer", meta, layer_rows + gemm_rows, markdown(layer_rows, gemm_rows, meta))
     torch.distributed.destroy_process_group()
 
 
