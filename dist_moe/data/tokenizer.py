@@ -133,11 +133,14 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, sample_mb: float, out
 @contextmanager
 def _spinner(desc: str, enabled: bool) -> Iterator[None]:
     """A progress line with the elapsed time while a blocking call runs (sentencepiece releases the GIL)."""
-    bar = tqdm(desc=desc, bar_format="{desc}... {elapsed}", disable=not enabled)
+    if not enabled:
+        yield
+        return
+    bar = tqdm(desc=desc, bar_format="{desc}... {elapsed}")
     done = threading.Event()
 
     def tick() -> None:
-        while not done.wait(max(0.5, bar.mininterval)):
+        while not done.wait(max(0.5, bar.mininterval)):  # mininterval: 30 s in a log file (cli.main)
             bar.refresh()
 
     thread = threading.Thread(target=tick, daemon=True)
