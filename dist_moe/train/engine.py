@@ -7,6 +7,7 @@ expert parameters apart (so ZeRO reduces them over the expert-data-parallel grou
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import socket
@@ -23,7 +24,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
-    owns_process_group: bool  # created here (not by Ray Train), so the run destroys it when it ends
+    owns_process_group: bool  # created here (not by Ray Train): destroyed at exit once a run completes
 
     @property
     def is_main(self) -> bool:
@@ -44,6 +45,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def destroy_process_group_at_exit() -> None:
+    """At interpreter exit, not when the run returns: DeepSpeed keeps the group in its own globals, so a second
+    run in the same process (a notebook, a test) must find it still there."""
+    def destroy() -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    atexit.register(destroy)
 
 
 def init_distributed(cfg: Config) -> DistContext:

@@ -19,7 +19,7 @@ from dist_moe.model.loss import cross_entropy
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
-from dist_moe.train.engine import DistContext, build_engine, init_distributed
+from dist_moe.train.engine import DistContext, build_engine, destroy_process_group_at_exit, init_distributed
 from dist_moe.train.expert_load import ExpertLoadTracker
 from dist_moe.train.flops import mfu, peak_flops, training_flops_per_token
 from dist_moe.train.metrics import Metrics
@@ -150,8 +150,8 @@ def run(cfg: Config) -> dict:
     if ctx.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"run dir: {run_dir}\nTensorBoard: dist-moe tensorboard {run_dir}", flush=True)
-    if ctx.owns_process_group:
-        torch.distributed.destroy_process_group()
+    if ctx.owns_process_group:  # only after a run completed: a failing rank's peers may still wait on the group
+        destroy_process_group_at_exit()
     return summary
 
 
