@@ -17,7 +17,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
+from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
+from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402

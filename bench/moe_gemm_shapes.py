@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import triton
 
-from results_io import run_meta, write_results  # noqa: E402 (bench/, beside this script)
+from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.kernels import grouped_gemm  # noqa: E402

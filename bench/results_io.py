@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 
 def run_meta(gpu: str = "", command: str = "", **versions: str) -> dict:
     """date, gpu (this process's CUDA device unless given), torch and triton versions, any others, command."""
-    import triton
-
     return dict(date=datetime.date.today().isoformat(), gpu=gpu or torch.cuda.get_device_name(),
                 torch=torch.__version__, triton=triton.__version__, **versions,
                 command=command or "python " + shlex.join(sys.argv))
