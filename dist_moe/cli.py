@@ -91,8 +91,20 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
 
     out = args.out or str(Path(args.results).with_suffix("")) + "_plots"
     print(run_fit(args.results, budget=args.budget, bootstrap=args.bootstrap, out_dir=out,
-                  approach=args.approach, grid=args.grid))
+                  approach=args.approach, grid=args.grid, exclude_highest=args.exclude_highest,
+                  fix_exponents=args.fix_exponents))
     return 0
+
+
+def _exponent_pair(text: str) -> tuple[float, float]:
+    """--fix-exponents ALPHA,BETA: two positive numbers."""
+    try:
+        alpha, beta = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected ALPHA,BETA, e.g. 0.3473,0.3672") from None
+    if not (alpha > 0 and beta > 0):
+        raise argparse.ArgumentTypeError(f"'{text}': both exponents must be positive")
+    return alpha, beta
 
 
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
@@ -180,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", default=None, help="directory for the plots (default: RESULTS_plots beside the table)")
     fit.add_argument("--approach", default="3", choices=("3", "2", "both"), help="Chinchilla approach")
     fit.add_argument("--grid", default="paper", choices=("paper", "coarse"), help="L-BFGS initialisations")
+    fit.add_argument("--exclude-highest", type=int, default=0, metavar="K",
+                     help="drop the K highest-loss runs before fitting (Epoch dropped 5 Chinchilla runs)")
+    fit.add_argument("--fix-exponents", type=_exponent_pair, default=None, metavar="ALPHA,BETA",
+                     help="hold alpha and beta fixed in Approach 3 (default: fitted; Epoch's 0.3473,0.3672 "
+                          "when there are too few runs for all five parameters)")
     fit.set_defaults(fn=cmd_scaling_fit)
 
     analyze = sub.add_parser("analyze", help="expert-load report of a run (from its TensorBoard events)",

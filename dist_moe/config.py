@@ -79,7 +79,8 @@ class MoEConfig:
 
 @dataclass
 class DataConfig:
-    corpus: str = _f("stdlib", "stdlib (the interpreter's standard library) | a .txt file | a folder | a .jsonl")
+    corpus: str = _f("stdlib", "stdlib (the interpreter's standard library) | site-packages (every installed "
+                                "package's .py sources) | a .txt file | a folder | a .jsonl")
     vocab_size: int = _f(4096, "sentencepiece BPE vocabulary size")
     seq_len: int = _f(128, "tokens per training sequence")
     val_fraction: float = _f(0.02, "fraction of documents held out for validation")

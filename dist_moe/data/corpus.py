@@ -1,7 +1,8 @@
 """Corpus discovery: turn `data.corpus` into an ordered list of UTF-8 documents.
 
-Four sources: `stdlib` (the running interpreter's standard library sources: tens of MB of real text on
-every machine, no download), a text file (documents separated by blank lines), a folder (every text-like
+Five sources: `stdlib` (the running interpreter's standard library sources: tens of MB of real text on
+every machine, no download), `site-packages` (the Python sources of every installed package: hundreds of
+MB where torch and its peers are installed, for runs that would repeat the stdlib), a text file (documents separated by blank lines), a folder (every text-like
 file, recursively) or a `.jsonl` file (one document per line, in its `text` field). The order is
 deterministic (sorted paths, then file order), reading stops at `max_corpus_mb`, and files that are not
 UTF-8 text are skipped and counted. `\\r\\n` line ends are read as `\\n`.
@@ -13,6 +14,7 @@ import codecs
 import hashlib
 import json
 import re
+import site
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,17 +89,24 @@ class _Budget:
 
 
 def load_corpus(spec: str, max_mb: float = 0.0) -> Corpus:
-    """Read the corpus named by `data.corpus`: 'stdlib', a text file, a folder or a .jsonl file."""
+    """Read the corpus named by `data.corpus`: 'stdlib', 'site-packages', a text file, a folder or a .jsonl file."""
     budget = _Budget(max_mb)
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
         docs, skipped = _read_tree(root, STDLIB_SUFFIXES, _stdlib_skips_dir, budget)
         source = f"stdlib ({root})"
+    elif spec == "site-packages":
+        docs, skipped = [], []
+        for root in site_packages_dirs():
+            more_docs, more_skipped = _read_tree(root, (".py",), _is_hidden_dir, budget)
+            docs += [Document(f"{root.name}/{d.name}", d.text) for d in more_docs]
+            skipped += more_skipped
+        source = f"site-packages ({', '.join(map(str, site_packages_dirs()))})"
     else:
         path = Path(spec).expanduser()
         if not path.exists():
-            raise DataError(f"corpus '{spec}': no such file or folder (expected 'stdlib', a text file, "
-                            "a folder or a .jsonl file)")
+            raise DataError(f"corpus '{spec}': no such file or folder (expected 'stdlib', 'site-packages', "
+                            "a text file, a folder or a .jsonl file)")
         if path.is_dir():
             if next(_walk(path, path, TEXT_SUFFIXES, _is_hidden_dir), None) is None:
                 raise DataError(f"corpus '{spec}': folder has no text files ({', '.join(TEXT_SUFFIXES[:6])}, ...)")
@@ -112,6 +121,13 @@ def load_corpus(spec: str, max_mb: float = 0.0) -> Corpus:
         raise DataError(f"corpus '{spec}': no usable text ({reason})")
     num_bytes = sum(len(d.text.encode()) for d in docs)
     return Corpus(source=source, documents=docs, num_bytes=num_bytes, skipped=skipped)
+
+
+def site_packages_dirs() -> list[Path]:
+    """The interpreter's package folders, those that exist: a venv's own, then the system's when the venv
+    sees them (`site.getsitepackages()`; purelib and platlib where site does not know them)."""
+    paths = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return [Path(p) for p in dict.fromkeys(paths) if Path(p).is_dir()]
 
 
 def _stdlib_skips_dir(rel: Path) -> bool:

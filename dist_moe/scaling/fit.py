@@ -19,7 +19,7 @@ import itertools
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import minimize
@@ -41,6 +41,10 @@ COARSE_GRID = {"a": np.arange(0, 30, 10.0), "b": np.arange(0, 30, 10.0), "e": np
                "alpha": np.arange(0, 1.5, 0.5), "beta": np.arange(0, 1.5, 0.5)}
 GRIDS = {"paper": PAPER_GRID, "coarse": COARSE_GRID}
 JOINT_GAMMAS = (0.0, 0.25, 0.5, 1.0)  # gamma starts tried around each per-expert-count fit
+# Epoch AI's estimates on the Chinchilla runs (Besiroglu et al. 2024): the exponents a fit with too few
+# runs for all five parameters holds fixed (see fit_loss_law's `fixed`)
+EPOCH_EXPONENTS = {"alpha": 0.3473, "beta": 0.3672}
+THETA_NAMES = ("a", "b", "e", "alpha", "beta", "gamma")
 _PARALLEL_MIN_STARTS = 256  # below this, process start-up costs more than it saves
 # The grid runs on scipy's defaults (which reproduce Epoch); the winner and each bootstrap refit are then
 # polished with tight tests: the objective is ~1e-3, so the default ftol (absolute below |f| = 1)
@@ -86,6 +90,7 @@ class LawFit:
     objective: float
     num_runs: int
     num_starts: int
+    fixed: dict[str, float] = field(default_factory=dict)  # parameters held at a given value, not fitted
 
 
 def grid_starts(name: str = "paper") -> np.ndarray:
@@ -131,19 +136,27 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
 
 
-def _best_of(starts: np.ndarray, data: tuple, delta: float, options=None) -> tuple[float, np.ndarray]:
+def _bounds(fixed: dict[str, float] | None, num_params: int) -> list[tuple] | None:
+    """L-BFGS-B bounds that pin the `fixed` coordinates (lower = upper) and leave the others free."""
+    if not fixed:
+        return None
+    return [(fixed[k], fixed[k]) if k in fixed else (None, None) for k in THETA_NAMES[:num_params]]
+
+
+def _best_of(starts: np.ndarray, data: tuple, delta: float, options=None, bounds=None) -> tuple[float, np.ndarray]:
     """L-BFGS-B from each start (scipy's default stopping tests unless `options`); the lowest wins."""
     best_fun, best_x = np.inf, starts[0]
     with _one_blas_thread():
         for x0 in starts:
             result = minimize(huber_objective, x0, args=(*data, delta), jac=True, method="L-BFGS-B",
-                              options=options)
+                              options=options, bounds=bounds)
             if np.isfinite(result.fun) and result.fun < best_fun:
                 best_fun, best_x = float(result.fun), result.x
     return best_fun, best_x
 
 
-def _best_of_parallel(starts: np.ndarray, data: tuple, delta: float, workers: int) -> tuple[float, np.ndarray]:
+def _best_of_parallel(starts: np.ndarray, data: tuple, delta: float, workers: int,
+                      bounds=None) -> tuple[float, np.ndarray]:
     """`_best_of` over `workers` spawned processes, each with single-threaded OpenBLAS.
 
     The children read OPENBLAS_NUM_THREADS when they import numpy/scipy, so it is set while the pool
@@ -155,7 +168,8 @@ def _best_of_parallel(starts: np.ndarray, data: tuple, delta: float, workers: in
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_best_of, chunks, [data] * workers, [delta] * workers))
+            results = list(pool.map(_best_of, chunks, [data] * workers, [delta] * workers, [None] * workers,
+                                    [bounds] * workers))
     finally:
         if saved is None:
             del os.environ["OPENBLAS_NUM_THREADS"]
@@ -169,6 +183,11 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def free_parameters(num_experts_given: bool, fixed: dict[str, float] | None = None) -> int:
+    """How many of the law's parameters a fit estimates: 5 (6 with gamma) less the fixed ones."""
+    return (6 if num_experts_given else 5) - len(fixed or {})
+
+
 def _check_enough(n, d, x, num_params: int) -> None:
     need = num_params + 1
     if len(n) < need:
@@ -178,32 +197,40 @@ def _check_enough(n, d, x, num_params: int) -> None:
             raise ScalingDataError(f"Approach 3 needs at least 2 distinct {what}, got 1 across {len(n)} runs")
 
 
-def fit_loss_law(n, d, loss, num_experts=None, starts=None, delta=HUBER_DELTA, workers: int = 1) -> LawFit:
+def fit_loss_law(n, d, loss, num_experts=None, starts=None, delta=HUBER_DELTA, workers: int = 1,
+                 fixed: dict[str, float] | None = None) -> LawFit:
     """Fit by Huber/L-BFGS-B from every start (default: the paper's 4500-point grid), polish the best.
 
     n, d, loss: (R,) positive arrays. With `num_experts` (R,) the joint law's gamma is fitted too and
-    `starts` has 6 columns (default: the grid with gamma = 0). workers > 1 splits the starts over spawned
-    processes (the calling script then needs the usual `if __name__ == "__main__":` guard).
+    `starts` has 6 columns (default: the grid with gamma = 0). `fixed` pins parameters by name ("alpha",
+    "beta", ...: e.g. EPOCH_EXPONENTS when there are too few runs for all five), so fewer runs suffice.
+    workers > 1 splits the starts over spawned processes (the calling script then needs the usual
+    `if __name__ == "__main__":` guard).
     """
     n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
     x = None if num_experts is None else np.asarray(num_experts, dtype=np.float64)
     num_params = 5 if x is None else 6
-    _check_enough(n, d, x, num_params)
+    _check_enough(n, d, x, free_parameters(x is not None, fixed))
     if starts is None:
         starts = grid_starts("paper")
         if x is not None:
             starts = np.hstack([starts, np.zeros((len(starts), 1))])
     starts = np.atleast_2d(np.asarray(starts, dtype=np.float64))
     assert starts.shape[1] == num_params, f"starts need {num_params} columns, got {starts.shape[1]}"
+    if fixed:  # pinned coordinates start at their value; the grid then repeats starts, kept once
+        for name, value in fixed.items():
+            starts[:, THETA_NAMES.index(name)] = value
+        starts = np.unique(starts, axis=0)
+    bounds = _bounds(fixed, num_params)
     data = (np.log(n), np.log(d), np.log(loss), None if x is None else np.log(x))
     if workers <= 1 or len(starts) < _PARALLEL_MIN_STARTS:
-        fun, theta = _best_of(starts, data, delta)
+        fun, theta = _best_of(starts, data, delta, bounds=bounds)
     else:
-        fun, theta = _best_of_parallel(starts, data, delta, workers)
+        fun, theta = _best_of_parallel(starts, data, delta, workers, bounds)
     if not np.isfinite(fun):
         raise ScalingDataError(f"Approach 3: L-BFGS-B found no finite objective from {len(starts)} starts")
-    fun, theta = _best_of(theta[None], data, delta, _POLISH)
-    return LawFit(LossLaw.from_theta(theta), theta, fun, len(n), len(starts))
+    fun, theta = _best_of(theta[None], data, delta, _POLISH, bounds)
+    return LawFit(LossLaw.from_theta(theta), theta, fun, len(n), len(starts), dict(fixed or {}))
 
 
 def bootstrap(n, d, loss, center: LawFit, resamples: int, num_experts=None, delta=HUBER_DELTA,
@@ -220,7 +247,8 @@ def bootstrap(n, d, loss, center: LawFit, resamples: int, num_experts=None, delt
     for _ in tqdm(range(resamples), desc="bootstrap", disable=not progress, leave=False):
         idx = rng.integers(0, len(n), len(n))
         sample = tuple(None if v is None else v[idx] for v in data)
-        laws.append(LossLaw.from_theta(_best_of(center.theta[None], sample, delta, _POLISH)[1]))
+        bounds = _bounds(center.fixed, len(center.theta))
+        laws.append(LossLaw.from_theta(_best_of(center.theta[None], sample, delta, _POLISH, bounds)[1]))
     return laws
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
@@ -92,18 +93,22 @@ def plot_isoloss(table: ResultsTable, law: LossLaw, path: Path, budget: float | 
 
 
 def plot_isoflop(table: ResultsTable, fit: IsoFlopFit, path: Path) -> Path:
-    """`fit` must come from `table`'s rows. Left: loss against N per budget with its parabola and minimum. Right: N_opt against C, fitted line."""
+    """`fit` must come from `table`'s rows. Left: loss against N per budget with its parabola and minimum,
+    coloured by C on a colour bar (a legend of 31 budgets runs off the axes). Right: N_opt against C, fitted line."""
     fig, (left, right) = _figure(2)
-    colors = colormaps["plasma"](np.linspace(0.0, 0.85, len(fit.profiles)))
-    for color, profile in zip(colors, fit.profiles):
+    budgets = np.array([p.flops for p in fit.profiles])
+    scale = ScalarMappable(LogNorm(budgets.min(), budgets.max() if len(budgets) > 1 else budgets.min() * 10),
+                           colormaps["plasma"])
+    for profile in fit.profiles:
+        color = scale.to_rgba(profile.flops)
         n = table.n_active[profile.rows]
         left.scatter(n, table.val_loss[profile.rows], s=10, color=color)
         x = np.linspace(np.log(n.min()), np.log(n.max()), 100)
-        left.plot(np.exp(x), np.polyval(profile.fit_n, x), color=color, label=f"C = {profile.flops:.2g}")
+        left.plot(np.exp(x), np.polyval(profile.fit_n, x), color=color)
         left.plot([profile.n_opt], [profile.loss_opt], "o", mfc="none", ms=8, color=color)
-    left.set(xscale="log", xlabel="parameters N (active)", ylabel="final validation loss", title="IsoFLOP profiles")
-    left.legend(fontsize=7)
-    budgets = np.array([p.flops for p in fit.profiles])
+    fig.colorbar(scale, ax=left, label="training FLOPs C of the profile")
+    left.set(xscale="log", xlabel="parameters N (active)", ylabel="final validation loss",
+             title=f"IsoFLOP profiles ({len(fit.profiles)} budgets; circles: minima)")
     grid = _span(budgets)
     right.scatter(budgets, [p.n_opt for p in fit.profiles], color="black", label="N* per budget")
     right.plot(grid, fit.n_opt(grid), color="red", label=f"N_opt = {fit.G:.3g} C^{fit.a:.3f}")

@@ -13,10 +13,12 @@ import numpy as np
 
 from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, optimal_exponents
 from dist_moe.scaling.fit import (
+    EPOCH_EXPONENTS,
     LawFit,
     LossLaw,
     available_cores,
     fit_loss_law,
+    free_parameters,
     grid_starts,
     joint_starts,
     percentile_interval,
@@ -33,12 +35,15 @@ APPROACHES = ("3", "2", "both")
 
 def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: int = 100,
             out_dir: str | Path | None = None, approach: str = "3", *, grid: str = "paper",
-            level: float = 0.95, workers: int | None = None, seed: int = 0, progress: bool = True) -> str:
+            level: float = 0.95, workers: int | None = None, seed: int = 0, progress: bool = True,
+            exclude_highest: int = 0, fix_exponents: tuple[float, float] | None = None) -> str:
     """Fit `results_path` and return the report text (the caller prints it); plots go to `out_dir`.
 
     budget: FLOPs to recommend N_opt, D_opt for (None: no recommendation). bootstrap: resamples for the
     intervals (0: none). approach: "3", "2" or "both". grid: "paper" (4500 starts) or "coarse" (243).
-    workers: processes for the grid search (None: one per core, at most 8).
+    workers: processes for the grid search (None: one per core, at most 8). exclude_highest: drop the k
+    runs of highest loss first (Epoch dropped 5 of the Chinchilla runs). fix_exponents: (alpha, beta) to
+    hold fixed in Approach 3; without it a group with too few runs for all five parameters gets Epoch's.
     """
     if approach not in APPROACHES:
         raise ScalingDataError(f"approach '{approach}': expected one of {', '.join(APPROACHES)}")
@@ -47,43 +52,81 @@ def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: in
     if bootstrap < 0:
         raise ScalingDataError(f"bootstrap {bootstrap}: expected 0 (no intervals) or a number of resamples")
     table = read_results(results_path)
+    lines = [f"Scaling-law fit of {results_path}: {len(table)} runs"]
+    if exclude_highest:
+        table, dropped = _without_highest_loss(table, exclude_highest)
+        lines.append(f"excluded the {len(dropped)} highest-loss runs: {', '.join(dropped)}")
     groups = table.by_experts()
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
     boot = {"resamples": bootstrap, "seed": seed, "progress": progress}
     intervals = f"{level:.0%} bootstrap percentiles over {bootstrap} resamples of runs" if bootstrap else "none"
-    lines = [f"Scaling-law fit of {results_path}: {len(table)} runs, expert counts {', '.join(map(str, groups))}",
-             f"N = active parameters, D = tokens; intervals: {intervals}"]
+    lines += [f"expert counts {', '.join(map(str, groups))}; N = active parameters, D = tokens; intervals: {intervals}"]
+    out = Path(out_dir) if out_dir is not None else None
     plots: list[Path] = []
     if approach in ("3", "both"):
-        lines += _approach3(table, groups, budget, grid, workers or min(available_cores(), 8), level, boot, out, plots)
+        fixed = None if fix_exponents is None else dict(zip(("alpha", "beta"), map(float, fix_exponents)))
+        lines += _approach3(table, groups, budget, grid, workers or min(available_cores(), 8), level, boot, out, plots,
+                            fixed)
     if approach in ("2", "both"):
         lines += _approach2(groups, budget, level, boot, out, plots)
     lines += ["", "Plots: " + ", ".join(map(str, plots)) if plots else "Plots: none (pass an output folder)"]
     return "\n".join(lines)
 
 
-def _approach3(table, groups, budget, grid, workers, level, boot, out, plots) -> list[str]:
+def _in(out: Path, name: str) -> Path:
+    """A plot's path in `out`, made on first use (a fit that fails leaves no empty folder behind)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out / name
+
+
+def _without_highest_loss(table: ResultsTable, k: int) -> tuple[ResultsTable, list[str]]:
+    """The table less its k highest-loss runs, and their names."""
+    if not 0 < k < len(table):
+        raise ScalingDataError(f"exclude-highest {k}: expected 1 to {len(table) - 1} for {len(table)} runs")
+    order = np.argsort(table.val_loss, kind="stable")
+    return table.select(np.sort(order[:-k])), [table.name[i] for i in order[-k:][::-1]]
+
+
+def _exponents_for(num_runs: int, fixed: dict[str, float] | None, joint: bool = False) -> dict[str, float] | None:
+    """The exponents to hold fixed: the user's, or Epoch's when the runs are too few to fit all parameters."""
+    if fixed is not None or num_runs > free_parameters(joint):
+        return fixed
+    return dict(EPOCH_EXPONENTS)
+
+
+def _fixed_note(fixed: dict[str, float] | None, num_runs: int, joint: bool = False) -> list[str]:
+    if not fixed:
+        return []
+    values = ", ".join(f"{k} = {v:.4g}" for k, v in fixed.items())
+    if num_runs > free_parameters(joint):
+        return [f"  note: {values} held fixed (--fix-exponents); the intervals assume them"]
+    return [f"  note: {num_runs} runs are too few to fit all {free_parameters(joint)} parameters (that needs "
+            f"{free_parameters(joint) + 1}): {values} held fixed at Epoch AI's Chinchilla estimates, the other "
+            f"parameters fitted; the intervals assume these exponents"]
+
+
+def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fixed=None) -> list[str]:
     """Per expert count, then jointly over expert counts when there are several; appends to `plots`."""
     starts = grid_starts(grid)
     lines = ["", (f"Approach 3: L(N, D) = E + A/N^alpha + B/D^beta, Huber(delta=1e-3) on log L, "
                   f"L-BFGS-B from {len(starts)} starts ({grid} grid)")]
     fits: dict[int, tuple[ResultsTable, LossLaw]] = {}
     for experts, sub in groups.items():
+        held = _exponents_for(len(sub), fixed)
         with _naming_group(experts):
-            fit = fit_loss_law(sub.n_active, sub.tokens, sub.val_loss, starts=starts, workers=workers)
+            fit = fit_loss_law(sub.n_active, sub.tokens, sub.val_loss, starts=starts, workers=workers, fixed=held)
         laws = bootstrap_laws(sub.n_active, sub.tokens, sub.val_loss, fit, **boot)
         lines += ["", (f"experts = {experts} ({len(sub)} runs, N {_range(sub.n_active)}, D {_range(sub.tokens)}, "
                        f"rms log-residual {_rms(fit.law, sub):.4f})")]
+        lines += _fixed_note(held, len(sub))
         lines += _law_lines(fit.law, laws, level, budget)
         fits[experts] = (sub, fit.law)
         if out is not None:
-            plots.append(plot_isoloss(sub, fit.law, out / f"isoloss_experts{experts}.png", budget, experts))
+            plots.append(plot_isoloss(sub, fit.law, _in(out, f"isoloss_experts{experts}.png"), budget, experts))
     if out is not None:
-        plots.append(plot_loss_vs_compute(fits, out / "loss_vs_compute.png", budget))
+        plots.append(plot_loss_vs_compute(fits, _in(out, "loss_vs_compute.png"), budget))
     if len(groups) > 1:
-        lines += _joint_lines(table, {x: law for x, (_, law) in fits.items()}, budget, level, boot)
+        lines += _joint_lines(table, {x: law for x, (_, law) in fits.items()}, budget, level, boot,
+                              _exponents_for(len(table), fixed, joint=True))
     return lines
 
 
@@ -105,7 +148,7 @@ def _approach2(groups, budget, level, boot, out, plots) -> list[str]:
             lines.append(_row("D_opt", best.d_opt, [f.d_opt(budget) for f in fits], level)
                          + f"   ({best.tokens_per_param:.1f} tokens per parameter)")
         if out is not None:
-            plots.append(plot_isoflop(sub, iso, out / f"isoflop_experts{experts}.png"))
+            plots.append(plot_isoflop(sub, iso, _in(out, f"isoflop_experts{experts}.png")))
     return lines
 
 
@@ -118,12 +161,13 @@ def _naming_group(experts: int):
         raise ScalingDataError(f"runs with num_experts={experts}: {exc}") from None
 
 
-def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, level, boot) -> list[str]:
+def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, level, boot, fixed) -> list[str]:
     fit: LawFit = fit_loss_law(table.n_active, table.tokens, table.val_loss, num_experts=table.num_experts,
-                               starts=joint_starts(per_count))
+                               starts=joint_starts(per_count), fixed=fixed)
     laws = bootstrap_laws(table.n_active, table.tokens, table.val_loss, fit, num_experts=table.num_experts, **boot)
     lines = ["", (f"Joint fit over expert counts X: L(N, D, X) = E + A/(N^alpha X^gamma) + B/D^beta "
                   f"({len(table)} runs, rms log-residual {_rms(fit.law, table):.4f})")]
+    lines += _fixed_note(fixed, len(table), joint=True)
     lines += _law_lines(fit.law, laws, level, None)
     lines.append(_row("gamma", fit.law.gamma, [law.gamma for law in laws], level))
     if budget:

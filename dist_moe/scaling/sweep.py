@@ -119,7 +119,8 @@ def run_sweep(path: str | Path, show_progress: bool = True) -> int:
           f"{len(todo)} to run", flush=True)
     if not todo:
         return 0
-    _prepare_data_once(sweep)
+    unique_tokens = _prepare_data_once(sweep)
+    print(_epochs_note(max(todo, key=lambda r: r.tokens), unique_tokens), flush=True)
     init_ray(sweep.address)
     task = ray.remote(num_cpus=sweep.cpus_per_run, num_gpus=sweep.gpus_per_run)(_train)
     pending = {task.remote(r.args, str(Path(sweep.run_root).resolve() / r.name)): r for r in todo}
@@ -150,12 +151,23 @@ def _finished_names(results: Path) -> set[str]:
         raise ConfigError(f"results table {results} cannot be read to skip finished runs: {exc}") from None
 
 
-def _prepare_data_once(sweep: Sweep) -> None:
-    """Tokenizer and shards for the first run's data settings, so parallel runs find them cached."""
+def _prepare_data_once(sweep: Sweep) -> int:
+    """Tokenizer and shards for the first run's data settings, so parallel runs find them cached; returns
+    the unique training tokens."""
     import tempfile
 
     from dist_moe.data import prepare_data
 
     cfg = load_config(sweep.preset, [*sweep.overrides, *sweep.models[0].overrides])
     with tempfile.TemporaryDirectory() as scratch:
-        prepare_data(cfg.data, Path(scratch), show_progress=False)
+        return prepare_data(cfg.data, Path(scratch), show_progress=False).train_tokens
+
+
+def _epochs_note(largest: PlannedRun, unique_tokens: int) -> str:
+    """How often the largest run sees its data: a fit assumes fresh tokens, and repeats are worth less."""
+    epochs = largest.tokens / unique_tokens
+    note = f"data: {unique_tokens:,} unique training tokens; the largest run ({largest.name}) reads {epochs:.2f} epochs"
+    if epochs <= 1:
+        return note
+    return (note + ": tokens repeat, which the fitted law does not model (up to ~4 epochs cost little, "
+            "Muennighoff et al. 2023); data.corpus=site-packages or a larger data.max_corpus_mb gives more")

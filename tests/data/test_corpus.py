@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_moe.data.corpus import DataError, load_corpus
+from dist_moe.data.corpus import DataError, load_corpus, site_packages_dirs
 
 
 def write(path: Path, data) -> Path:
@@ -80,6 +80,18 @@ def test_stdlib_corpus_is_the_interpreters_sources_without_site_packages():
     assert 1.9e6 < corpus.num_bytes <= 2e6
     root = Path(sysconfig.get_paths()["stdlib"])
     assert corpus.documents[0].text == (root / names[0]).read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+def test_site_packages_corpus_reads_the_installed_packages_python_sources():
+    corpus = load_corpus("site-packages", max_mb=2.0)
+    roots = site_packages_dirs()
+    assert roots and all(root.name in ("site-packages", "dist-packages") for root in roots)
+    assert 1.9e6 < corpus.num_bytes <= 2e6 and all(doc.name.endswith(".py") for doc in corpus.documents)
+    first = corpus.documents[0]  # sorted order: the first .py file under the first folder, read whole
+    expected = min(p for p in roots[0].rglob("*.py") if "__pycache__" not in p.parts
+                   and not any(part.startswith(".") for part in p.relative_to(roots[0]).parts[:-1]))
+    assert first.name == f"{roots[0].name}/{expected.relative_to(roots[0]).as_posix()}"
+    assert first.text == expected.read_text().replace("\r\n", "\n")
 
 
 @pytest.mark.parametrize("setup, message", [

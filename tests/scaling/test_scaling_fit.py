@@ -1,5 +1,8 @@
 """Approach 3: objective against scipy's huber/logsumexp, recovery of known laws, Epoch's published fit."""
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +112,21 @@ def test_too_few_runs_or_one_model_size_is_a_clear_error():
         fit_loss_law(n[one_size], d[one_size], loss[one_size])
     with pytest.raises(ScalingDataError, match="need at least 7 runs, got 6"):
         fit_loss_law(n[:6], d[:6], loss[:6], num_experts=np.arange(1, 7))
+    with pytest.raises(ScalingDataError, match="fits 3 parameters: need at least 4 runs, got 3"):
+        fit_loss_law(n[:3], d[:3], loss[:3], fixed={"alpha": 0.34, "beta": 0.28})
+
+
+def test_fixed_exponents_are_held_and_the_rest_recovered():
+    n, d, _, loss = _factorial_runs(HOFFMANN, noise=0.0, seed=0)
+    pick = [0, 9, 18, 63]  # four runs: too few for five free parameters, enough for three
+    fit = fit_loss_law(n[pick], d[pick], loss[pick], starts=grid_starts("coarse"),
+                       fixed={"alpha": HOFFMANN.alpha, "beta": HOFFMANN.beta})
+    assert (fit.law.alpha, fit.law.beta) == (HOFFMANN.alpha, HOFFMANN.beta)
+    assert fit.law.E == pytest.approx(HOFFMANN.E, rel=1e-4)
+    assert fit.law.A == pytest.approx(HOFFMANN.A, rel=1e-3)
+    assert fit.law.B == pytest.approx(HOFFMANN.B, rel=1e-3)
+    laws = bootstrap(n[pick], d[pick], loss[pick], fit, resamples=5, progress=False)
+    assert all(law.alpha == HOFFMANN.alpha and law.beta == HOFFMANN.beta for law in laws)
 
 
 @pytest.mark.skipif(not EPOCH_CSV.is_file(), reason="Epoch's Chinchilla extraction is not beside the repo")
@@ -123,3 +141,16 @@ def test_reproduces_epoch_lbfgs_fit_on_chinchilla_runs():
     assert law.beta == pytest.approx(0.3672, rel=0.02)
     assert law.A == pytest.approx(477.8, rel=0.10)
     assert law.B == pytest.approx(2143.0, rel=0.10)
+
+
+@pytest.mark.skipif(not EPOCH_CSV.is_file(), reason="Epoch's Chinchilla extraction is not beside the repo")
+def test_cli_drops_epochs_five_highest_loss_runs_and_reproduces_their_fit(tmp_path):
+    fit = subprocess.run([sys.executable, "-m", "dist_moe.cli", "scaling", "fit", str(EPOCH_CSV), "--exclude-highest",
+                          "5", "--bootstrap", "0", "--grid", "coarse", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "excluded the 5 highest-loss runs" in fit.stdout and "experts = 1 (240 runs" in fit.stdout
+    values = dict(re.findall(r"^\s+(A|B|E|alpha|beta)\s+(\S+)$", fit.stdout, re.MULTILINE))
+    assert float(values["alpha"]) == pytest.approx(0.3473, rel=2e-3)
+    assert float(values["beta"]) == pytest.approx(0.3672, rel=2e-3)
+    assert float(values["E"]) == pytest.approx(1.8172, rel=2e-3)

@@ -65,7 +65,36 @@ def test_report_errors_are_one_line(results, tmp_path):
     with pytest.raises(ScalingDataError, match="grid 'fine': expected one of paper, coarse"):
         run_fit(results, grid="fine", progress=False)
     small = tmp_path / "small.csv"
-    for run in [Run(f"r{i}", 8, 1e8, 1e7 * (i + 1), 1e9, 6e16 * (i + 1), 3.0) for i in range(4)]:
+    for run in [Run(f"r{i}", 8, 1e8, 1e7 * (i + 1), 1e9 * (2 - i % 2), 6e16 * (i + 1), 3.0) for i in range(3)]:
         append_run(small, run)
-    with pytest.raises(ScalingDataError, match="runs with num_experts=8: .* need at least 6 runs, got 4"):
-        run_fit(small, bootstrap=0, grid="coarse", workers=1, progress=False)
+    with pytest.raises(ScalingDataError, match="runs with num_experts=8: .* 3 parameters: need at least 4 runs, got 3"):
+        run_fit(small, bootstrap=0, grid="coarse", workers=1, progress=False, out_dir=tmp_path / "plots")
+    assert not (tmp_path / "plots").exists()  # a failed fit leaves no empty plot folder
+    with pytest.raises(ScalingDataError, match="exclude-highest 3: expected 1 to 2 for 3 runs"):
+        run_fit(small, exclude_highest=3)
+
+
+def test_too_few_runs_for_five_parameters_fit_with_epochs_exponents(tmp_path):
+    """A 2 x 2 grid (the CPU sweep's shape): alpha and beta held at Epoch's values, A, B and E recovered."""
+    truth = LossLaw(A=300.0, B=900.0, E=1.5, alpha=0.3473, beta=0.3672)
+    path = tmp_path / "grid.jsonl"
+    for n in (2e5, 6e5):
+        for d in (1e5, 3e5):
+            append_run(path, Run(f"n{n:.0e}-d{d:.0e}", 8, 8 * n, n, d, 6 * n * d, float(truth(n, d))))
+    report = run_fit(path, budget=1e15, bootstrap=3, grid="coarse", workers=1, progress=False)
+    assert "4 runs are too few to fit all 5 parameters (that needs 6): alpha = 0.3473, beta = 0.3672 held fixed" in report
+    assert _value(report, "experts = 8 (", "alpha") == pytest.approx(0.3473, abs=1e-12)
+    for name in ("A", "B", "E"):
+        assert _value(report, "experts = 8 (", name) == pytest.approx(getattr(truth, name), rel=2e-3)
+    forced = run_fit(path, bootstrap=0, grid="coarse", workers=1, progress=False, fix_exponents=(0.3, 0.4))
+    assert "alpha = 0.3, beta = 0.4 held fixed" in forced and _value(forced, "experts = 8 (", "beta") == 0.4
+
+
+def test_exclude_highest_drops_the_worst_runs_before_fitting(results):
+    table = read_results(results)
+    worst = [table.name[i] for i in np.argsort(table.val_loss)[::-1][:5]]
+    report = run_fit(results, bootstrap=0, grid="coarse", workers=1, progress=False, exclude_highest=5)
+    assert f"excluded the 5 highest-loss runs: {', '.join(worst)}" in report
+    kept = table.select(np.isin(table.name, worst, invert=True)).by_experts()[8]
+    direct = fit_loss_law(kept.n_active, kept.tokens, kept.val_loss, starts=grid_starts("coarse")).law
+    assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)

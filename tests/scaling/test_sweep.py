@@ -45,9 +45,19 @@ def test_sweep_of_four_real_runs_then_a_rerun_runs_nothing(tmp_path):
     assert (table.flops == 6 * table.n_active * table.tokens).all()
     assert table.n_active[list(table.name).index("d64-D1.02e+03")] > table.n_active[list(table.name).index("d32-D1.02e+03")]
     assert all((tmp_path / "runs" / name / "summary.json").is_file() for name in table.name)
+    unique = json.loads((tmp_path / "runs" / "d32-D1.02e+03" / "data.json").read_text())["train_tokens"]
+    assert f"data: {unique:,} unique training tokens; the largest run (d32-D2.05e+03) reads {2048 / unique:.2f} epochs" in first.stdout
     second = sweep(path)
     assert second.returncode == 0 and "4 already in" in second.stdout and "0 to run" in second.stdout
     assert len(read_results(tmp_path / "results.jsonl")) == 4
+    # the README's next step: four runs are too few for five parameters, so the fit holds the exponents
+    fit = subprocess.run([sys.executable, "-m", "dist_moe.cli", "scaling", "fit", str(tmp_path / "results.jsonl"),
+                          "--budget", "1e12", "--bootstrap", "5", "--grid", "coarse"], capture_output=True, text=True,
+                         timeout=600)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "held fixed at Epoch AI's Chinchilla estimates" in fit.stdout and "at C = 1e+12: N_opt" in fit.stdout
+    assert sorted(p.name for p in (tmp_path / "results_plots").iterdir()) == ["isoloss_experts4.png",
+                                                                               "loss_vs_compute.png"]
 
 
 def test_isoflop_plan_trains_each_model_for_c_over_6n_tokens(tmp_path):
