@@ -118,7 +118,7 @@ def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fi
         lines += ["", (f"experts = {experts} ({len(sub)} runs, N {_range(sub.n_active)}, D {_range(sub.tokens)}, "
                        f"rms log-residual {_rms(fit.law, sub):.4f})")]
         lines += _fixed_note(held, len(sub))
-        lines += _law_lines(fit.law, laws, level, budget)
+        lines += _law_lines(fit.law, laws, level, budget, held)
         fits[experts] = (sub, fit.law)
         if out is not None:
             plots.append(plot_isoloss(sub, fit.law, _in(out, f"isoloss_experts{experts}.png"), budget, experts))
@@ -168,7 +168,7 @@ def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, lev
     lines = ["", (f"Joint fit over expert counts X: L(N, D, X) = E + A/(N^alpha X^gamma) + B/D^beta "
                   f"({len(table)} runs, rms log-residual {_rms(fit.law, table):.4f})")]
     lines += _fixed_note(fixed, len(table), joint=True)
-    lines += _law_lines(fit.law, laws, level, None)
+    lines += _law_lines(fit.law, laws, level, None, fixed)
     lines.append(_row("gamma", fit.law.gamma, [law.gamma for law in laws], level))
     if budget:
         for experts in per_count:
@@ -188,8 +188,10 @@ def _skipped_lines(skipped: list[tuple[float, str]], shown: int = 6) -> list[str
     return lines
 
 
-def _law_lines(law: LossLaw, laws: list[LossLaw], level: float, budget: float | None) -> list[str]:
-    lines = [_row(k, getattr(law, k), [getattr(s, k) for s in laws], level) for k in ("A", "B", "E", "alpha", "beta")]
+def _law_lines(law: LossLaw, laws: list[LossLaw], level: float, budget: float | None,
+               fixed: dict[str, float] | None = None) -> list[str]:
+    lines = [_row(k, getattr(law, k), [getattr(s, k) for s in laws], level) if k not in (fixed or {})
+             else f"  {k:<6} {getattr(law, k):>11.4g}   (fixed)" for k in ("A", "B", "E", "alpha", "beta")]
     a, b = optimal_exponents(law)
     lines.append(_row("a", a, [optimal_exponents(s)[0] for s in laws], level) + "   (N_opt ~ C^a, a = beta/(alpha+beta))")
     lines.append(_row("b", b, [optimal_exponents(s)[1] for s in laws], level) + "   (D_opt ~ C^b)")

@@ -84,6 +84,7 @@ def test_too_few_runs_for_five_parameters_fit_with_epochs_exponents(tmp_path):
     report = run_fit(path, budget=1e15, bootstrap=3, grid="coarse", workers=1, progress=False)
     assert "4 runs are too few to fit all 5 parameters (that needs 6): alpha = 0.3473, beta = 0.3672 held fixed" in report
     assert _value(report, "experts = 8 (", "alpha") == pytest.approx(0.3473, abs=1e-12)
+    assert re.search(r"^\s+beta\s+0.3672   \(fixed\)$", report, re.MULTILINE)
     for name in ("A", "B", "E"):
         assert _value(report, "experts = 8 (", name) == pytest.approx(getattr(truth, name), rel=2e-3)
     forced = run_fit(path, bootstrap=0, grid="coarse", workers=1, progress=False, fix_exponents=(0.3, 0.4))
