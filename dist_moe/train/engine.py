@@ -8,6 +8,8 @@ expert parameters apart (so ZeRO reduces them over the expert-data-parallel grou
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import math
 import os
 import socket
@@ -78,7 +80,9 @@ def init_distributed(cfg: Config) -> DistContext:
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    # verbose=False does not silence its CPU shared-memory op's "built successfully" print; stdout is the product's
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     check_world_size(cfg, world_size)
     return DistContext(rank, world_size, local_rank, device, owns_process_group)
