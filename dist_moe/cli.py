@@ -12,7 +12,7 @@ from dist_moe import config
 from dist_moe.errors import run_guarded
 
 def _default_run_dir(preset: str | None) -> str:
-    name = Path(preset).stem if preset else "tiny"
+    name = Path(preset).stem if preset else config.DEFAULT_PRESET
     return str(Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}")
 
 
@@ -25,7 +25,7 @@ def _split_preset(items: list[str]) -> tuple[str | None, list[str]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     preset, overrides = _split_preset(args.items)
-    cfg = config.load_config(preset or "tiny", overrides)
+    cfg = config.load_config(preset or config.DEFAULT_PRESET, overrides)
     if not cfg.run_dir:
         cfg.run_dir = _default_run_dir(preset)
     return _launch(cfg, args)
@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train", help="train a model", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train an MoE language model. PRESET is a shipped preset name (tiny, small, medium) or "
-                    "a YAML file; key=value pairs override single config keys.",
-        epilog="config keys (key, default, meaning):\n" + config.help_text())
+        description=f"Train an MoE language model. PRESET is a shipped preset name (tiny, small, medium) or "
+                    f"a YAML file, {config.DEFAULT_PRESET} when left out; key=value pairs override single config keys.",
+        epilog=f"config keys (key, value under the {config.DEFAULT_PRESET} preset, meaning):\n"
+               + config.help_text(config.DEFAULT_PRESET))
     train.add_argument("items", nargs="*", metavar="[PRESET] key=value", help="preset and overrides")
     train.add_argument("--nproc", type=int, default=1, help="worker processes on this machine (gloo/nccl)")
     train.set_defaults(fn=cmd_train)

@@ -17,6 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 
 
+DEFAULT_PRESET = "tiny"  # what `dist-moe train` runs without a preset
+
+
 def _preset_dir() -> Path:
     """configs/ ships inside the package as dist_moe.presets (see pyproject.toml)."""
     from importlib.resources import files
@@ -348,16 +351,20 @@ def from_yaml_file(path: Path) -> Config:
     return from_yaml(Path(path).read_text(), str(path))
 
 
-def help_text() -> str:
-    """Every key with its default and meaning, for `dist-moe train --help`."""
+def help_text(preset: str) -> str:
+    """Every key with its value under `preset` (what a run without overrides gets) and its meaning."""
+    cfg = load_config(preset)
     lines = []
     for section in dataclasses.fields(Config):
         if dataclasses.is_dataclass(section.default_factory):  # type: ignore[arg-type]
             lines.append(f"  {section.name}:")
+            values = getattr(cfg, section.name)
             for f in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
-                lines.append(f"    {section.name + '.' + f.name:<32} {_fmt(f.default):<12} {f.metadata['help']}")
+                value = _fmt(getattr(values, f.name))
+                lines.append(f"    {section.name + '.' + f.name:<32} {value:<12} {f.metadata['help']}")
         else:
-            lines.append(f"  {section.name:<34} {_fmt(section.default):<12} {section.metadata['help']}")
+            value = _fmt(getattr(cfg, section.name))
+            lines.append(f"  {section.name:<34} {value:<12} {section.metadata['help']}")
     return "\n".join(lines)
 
 

@@ -91,6 +91,21 @@ def test_cli_train_help_lists_every_config_key_with_its_meaning():
     assert "key/value heads (GQA)" in result.stdout
 
 
+def test_cli_train_help_shows_the_default_presets_values_and_names_it():
+    """The values a bare `dist-moe train` runs with: the tiny preset's, read here from its YAML file."""
+    import yaml
+
+    tiny = yaml.safe_load((config._preset_dir() / "tiny.yaml").read_text())
+    assert config.DEFAULT_PRESET == "tiny" and tiny["model"]["d_model"] != config.ModelConfig().d_model
+    result = _cli("train", "--help")
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines() if line.startswith("    ")}
+    for section in ("model", "moe", "train"):
+        for key, value in tiny[section].items():
+            assert rows[f"{section}.{key}"] == str(value), key
+    assert rows["model.rope_theta"] == "10000.0"  # a key tiny leaves at the built-in default
+    assert "tiny when left out" in " ".join(result.stdout.split())
+
+
 def test_cli_resume_of_a_missing_run_dir_is_a_clear_error(tmp_path):
     result = _cli("resume", str(tmp_path / "nope"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -147,7 +147,7 @@ def submit(address: Optional[str], preset: Optional[str], overrides: list[str], 
     """Validate the config locally, submit it, print the job id; unless no_wait, follow the logs until the
     job ends and raise JobError if it did not succeed. Returns the job (submission) id."""
     overrides = list(overrides)
-    cfg = config.load_config(preset or "tiny", [*overrides, "cluster=ray"])  # ConfigError before uploading
+    cfg = config.load_config(preset or config.DEFAULT_PRESET, [*overrides, "cluster=ray"])  # ConfigError before uploading
     _warn_run_dir(cfg)
     root = Path(working_dir or os.getcwd()).resolve()
     if not root.is_dir():
