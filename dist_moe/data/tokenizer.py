@@ -75,6 +75,25 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
+    def heal_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token healing: the prompt's ids without its last token(s), and the ids whose text starts with the
+        text those covered. A prompt that ends mid-piece ("def main():" where "():\\n" is one piece) then
+        continues from a boundary the tokenizer makes, not one the model never saw in training.
+
+        Backs up token by token while some piece still starts with the removed text."""
+        ids = self.encode(prompt)
+        pieces = [self._sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.vocab_size)]
+        ordinary = [i for i in range(self.vocab_size)
+                    if not (self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_byte(i))]
+        keep, allowed = len(ids), []
+        while keep > 0 and not self._sp.is_byte(ids[keep - 1]):  # byte pieces: part of a character
+            removed = prompt[len(self.decode(ids[:keep - 1])):]
+            extending = [i for i in ordinary if pieces[i].startswith(removed)]
+            if not extending:
+                break
+            keep, allowed = keep - 1, extending
+        return ids[:keep], allowed
+
 
 def tokenizer_key(corpus_hash: str, vocab_size: int, sample_mb: float) -> str:
     """Cache key of the tokenizer trained on this corpus with these settings."""

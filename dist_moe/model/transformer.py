@@ -120,11 +120,17 @@ def num_parameters(model: Transformer) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample max_new_tokens after tokens (B, T) with a KV cache; temperature 0 = greedy."""
+             top_k: int = 0, generator: torch.Generator | None = None,
+             first_allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample max_new_tokens after tokens (B, T) with a KV cache; temperature 0 = greedy. The first token is
+    drawn from `first_allowed` (token ids) when given: token healing (Tokenizer.heal_prompt)."""
     model.eval()
     caches = [KVCache() for _ in model.blocks]
     logits = model(tokens, caches).logits[:, -1]  # (B, V)
+    if first_allowed is not None and len(first_allowed):
+        barred = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        barred[first_allowed] = False
+        logits = logits.masked_fill(barred, float("-inf"))
     out = [tokens]
     for _ in range(max_new_tokens):
         if temperature == 0:

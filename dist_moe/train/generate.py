@@ -34,11 +34,13 @@ def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, t
     model = Transformer(cfg)
     engine = build_engine(cfg, model, ctx)
     engine.load_checkpoint(str(candidates[0].parent), tag=candidates[0].name, load_module_only=True)
-    ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eos_id]], device=ctx.device)
+    healed, first_allowed = tokenizer.heal_prompt(prompt)
+    ids = torch.tensor([[tokenizer.eos_id, *healed]], device=ctx.device)  # EOS: a document starts here
     room = cfg.model.max_seq_len - ids.shape[1]
     if room <= 0:
         raise ConfigError(f"prompt of {ids.shape[1]} tokens leaves no room under model.max_seq_len="
                           f"{cfg.model.max_seq_len}")
     out = generate(engine.module, ids, min(max_new_tokens, room), temperature, top_k,
-                   generator=torch.Generator(ctx.device).manual_seed(seed))
-    return tokenizer.decode(out[0].tolist())
+                   generator=torch.Generator(ctx.device).manual_seed(seed),
+                   first_allowed=torch.tensor(first_allowed, dtype=torch.long, device=ctx.device))
+    return tokenizer.decode(out[0, 1:].tolist())

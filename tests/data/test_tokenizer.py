@@ -1,4 +1,7 @@
+import random
+
 import pytest
+import sentencepiece as spm
 from synthetic_corpus import CODE_DOC, UNICODE_DOC, make_documents
 
 from dist_moe.data.corpus import DataError
@@ -76,3 +79,26 @@ def test_cache_key_changes_with_corpus_and_every_setting():
 def test_missing_model_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         Tokenizer(tmp_path / "missing.model")
+
+
+def test_prompt_ending_mid_piece_is_healed_back_to_a_boundary_the_tokenizer_makes(tmp_path):
+    """A corpus where "():\\n" is learned whole, but "def main():" (no newline) encodes as "()" + ":": healing
+    backs up both tokens and allows exactly the pieces that spell "():" and more."""
+    rng = random.Random(0)
+    names = ["main", "run", "setup", "close", "read", "write", "parse", "load"]
+    docs = ["".join(f"def {rng.choice(names)}_{j}():\n    return {rng.randint(0, 99)}\n\n" for j in range(50))
+            for _ in range(40)]
+    train_tokenizer(docs, 320, 8.0, tmp_path / "tok.model", show_progress=False)
+    tokenizer = Tokenizer(tmp_path / "tok.model")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    ids = tokenizer.encode("def main():")
+    assert [sp.id_to_piece(i) for i in ids[-2:]] == ["()", ":"]  # what this corpus teaches, checked
+
+    kept, allowed = tokenizer.heal_prompt("def main():")
+    assert kept == ids[:-2]
+    assert sorted(sp.id_to_piece(i) for i in allowed) == ["():\n"]
+    text = tokenizer.decode(kept + allowed[:1])
+    assert text.startswith("def main():") and tokenizer.encode(text) == kept + allowed[:1]
+
+    assert tokenizer.heal_prompt("é") == (tokenizer.encode("é"), [])  # byte fallback: bytes are never split
+    assert tokenizer.heal_prompt("") == ([], [])

@@ -73,6 +73,26 @@ def test_generation_with_kv_cache_equals_full_recomputation():
     assert sampled.shape == (2, 9) and torch.equal(sampled[:, :5], prompt)
 
 
+def test_first_token_is_drawn_only_from_the_allowed_ids():
+    """Token healing's constraint: greedy picks the best allowed id (by a full forward), sampling never leaves
+    the set even when the allowed ids are the least likely, and later tokens are free again."""
+    torch.manual_seed(0)
+    model = Transformer(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        logits = model(prompt).logits[:, -1]  # (B, V)
+    unlikely = logits[0].argsort()[:3]  # the three least likely ids for the first row
+    greedy = generate(model, prompt, 3, temperature=0, first_allowed=unlikely)
+    expected = unlikely[logits[:, unlikely].argmax(-1)]
+    assert torch.equal(greedy[:, 5], expected)
+    rest = torch.cat([prompt, greedy[:, 5:6]], dim=1)
+    assert torch.equal(greedy, generate(model, rest, 2, temperature=0))  # the constraint ends after one token
+    for seed in range(5):
+        sampled = generate(model, prompt, 1, temperature=2.0, top_k=5, generator=torch.Generator().manual_seed(seed),
+                           first_allowed=unlikely)
+        assert torch.isin(sampled[:, 5], unlikely).all()
+
+
 def test_sequence_longer_than_max_seq_len_is_refused():
     model = Transformer(tiny("model.max_seq_len=16", "data.seq_len=16"))
     with pytest.raises(ValueError, match="max_seq_len=16"):
