@@ -4,8 +4,8 @@ Five sources: `stdlib` (the running interpreter's standard library sources: tens
 every machine, no download), `site-packages` (the Python sources of every installed package: hundreds of
 MB where torch and its peers are installed, for runs that would repeat the stdlib), a text file (documents separated by blank lines), a folder (every text-like
 file, recursively) or a `.jsonl` file (one document per line, in its `text` field). The order is
-deterministic (sorted paths, then file order), reading stops at `max_corpus_mb`, and files that are not
-UTF-8 text are skipped and counted. `\\r\\n` line ends are read as `\\n`.
+deterministic (sorted paths, then file order), reading stops at `max_corpus_mb`, symlinked folders are
+followed (each real folder once), and files that are not UTF-8 text are skipped and named. `\\r\\n` line ends are read as `\\n`.
 """
 
 from __future__ import annotations
@@ -58,8 +58,14 @@ class Corpus:
         return h.hexdigest()
 
     def describe(self) -> str:
-        skipped = f", {len(self.skipped)} files skipped (not UTF-8 text)" if self.skipped else ""
+        skipped = f", {len(self.skipped)} file(s) skipped, not UTF-8 text: {_some(self.skipped)}" if self.skipped else ""
         return f"corpus {self.source}: {len(self.documents)} documents, {self.num_bytes / 1e6:.1f} MB{skipped}"
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """The first few names, then how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 class _Budget:
@@ -117,7 +123,7 @@ def load_corpus(spec: str, max_mb: float = 0.0) -> Corpus:
             docs, skipped = _read_text_file(path, budget), []
         source = str(path)
     if not docs:
-        reason = f"{len(skipped)} files are not UTF-8 text, the rest are empty" if skipped else "empty"
+        reason = f"not UTF-8 text: {_some(skipped)}; the rest are empty" if skipped else "empty"
         raise DataError(f"corpus '{spec}': no usable text ({reason})")
     num_bytes = sum(len(d.text.encode()) for d in docs)
     return Corpus(source=source, documents=docs, num_bytes=num_bytes, skipped=skipped)
@@ -156,11 +162,18 @@ def _read_tree(root: Path, suffixes: tuple[str, ...], skip_dir: Callable[[Path],
     return docs, skipped
 
 
-def _walk(root: Path, folder: Path, suffixes: tuple[str, ...], skip_dir: Callable[[Path], bool]) -> Iterator[Path]:
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
+def _walk(root: Path, folder: Path, suffixes: tuple[str, ...], skip_dir: Callable[[Path], bool],
+          seen: Optional[set[Path]] = None) -> Iterator[Path]:
+    """Files under `folder`, symlinked folders followed; each real folder is read once, which ends link cycles
+    (sorted entries, so which of two links to one folder is read does not depend on the file system)."""
+    seen = set() if seen is None else seen
+    if folder.resolve() in seen:
+        return
+    seen.add(folder.resolve())
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir():
             if not skip_dir(entry.relative_to(root)):
-                yield from _walk(root, entry, suffixes, skip_dir)
+                yield from _walk(root, entry, suffixes, skip_dir, seen)
         elif entry.is_file() and entry.suffix in suffixes:
             yield entry
 

@@ -51,14 +51,29 @@ def test_max_corpus_mb_caps_the_bytes_read_without_splitting_a_character(tmp_pat
     assert single.documents[0].text == "é" * 50
 
 
-def test_undecodable_and_binary_files_are_skipped_and_counted(tmp_path):
+def test_undecodable_and_binary_files_are_skipped_and_named(tmp_path):
     write(tmp_path / "good.txt", "fine text\n")
     write(tmp_path / "latin1.txt", "caf\xe9\n".encode("latin-1"))
     write(tmp_path / "nul.py", b"abc\x00def")
     corpus = load_corpus(str(tmp_path))
     assert [d.name for d in corpus.documents] == ["good.txt"]
     assert corpus.skipped == ["latin1.txt", "nul.py"]
-    assert "2 files skipped" in corpus.describe()
+    assert corpus.describe().endswith("2 file(s) skipped, not UTF-8 text: latin1.txt, nul.py")
+    for i in range(4):
+        write(tmp_path / f"z{i}.txt", b"\xff")
+    assert load_corpus(str(tmp_path)).describe().endswith("latin1.txt, nul.py, z0.txt and 3 more")
+
+
+def test_symlinked_folders_are_followed_once_and_a_link_cycle_ends(tmp_path):
+    corpus_dir, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    write(elsewhere / "shared.txt", "linked text\n")
+    write(corpus_dir / "own.txt", "own text\n")
+    (corpus_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (corpus_dir / "linked_again").symlink_to(elsewhere, target_is_directory=True)  # read once, as linked/
+    (elsewhere / "loop").symlink_to(corpus_dir, target_is_directory=True)  # back to the root: a cycle
+    corpus = load_corpus(str(corpus_dir))
+    assert [(d.name, d.text) for d in corpus.documents] == [("linked/shared.txt", "linked text\n"),
+                                                             ("own.txt", "own text\n")]
 
 
 def test_content_hash_depends_on_text_and_names(tmp_path):
@@ -100,7 +115,7 @@ def test_site_packages_corpus_reads_the_installed_packages_python_sources():
     (lambda p: write(p / "empty.txt", ""), "no usable text (empty)"),
     (lambda p: write(p / "sub" / "blank.md", "\n \n") and p / "sub", "no usable text (empty)"),
     (lambda p: write(p / "bin.txt", b"\xff\xfe\x00") and p,
-     "no usable text (1 files are not UTF-8 text, the rest are empty)"),
+     "no usable text (not UTF-8 text: bin.txt; the rest are empty)"),
     (lambda p: write(p / "bin.txt", b"\xff\xfe"), "not UTF-8 text"),
     (lambda p: write(p / "d.jsonl", '{"text": "ok"}\n{"body": "no text"}\n'), "line 2: expected a JSON object"),
     (lambda p: write(p / "d.jsonl", '{"text": "ok"}\n\n{"text": 3}\n'), "line 3: expected a JSON object"),
