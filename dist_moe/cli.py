@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,30 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _launch(cfg, args)
 
 
+# What a run writes before its first step; all of it is rebuilt from the config and the data cache.
+_REBUILT_FILES = {"config.yaml", "launch_config.yaml", "tokenizer.model", "data.json"}
+
+
 def _launch(cfg: config.Config, args: argparse.Namespace) -> int:
+    """Start the run; if it fails and its run dir is one this call created and holds nothing but what a rerun
+    rebuilds, remove the dir, so that a typo leaves no empty run behind (never a dir that existed before)."""
+    ranks = cfg.cluster.num_workers if cfg.cluster.kind == "ray" else args.nproc
+    config.check_world_size(cfg, ranks)
+    run_dir = Path(cfg.run_dir)
+    created, code = not run_dir.exists(), 1
+    try:
+        code = _start(cfg, args)
+        return code
+    finally:
+        if created and code != 0 and run_dir.is_dir() and _holds_only_rebuilt_files(run_dir):
+            shutil.rmtree(run_dir)
+
+
+def _holds_only_rebuilt_files(run_dir: Path) -> bool:
+    return all(path.is_dir() or path.name in _REBUILT_FILES for path in run_dir.rglob("*"))
+
+
+def _start(cfg: config.Config, args: argparse.Namespace) -> int:
     if cfg.cluster.kind == "ray":
         from dist_moe.cluster.trainer import train_on_ray
 

@@ -295,9 +295,11 @@ def validate(cfg: Config) -> None:
 
 def check_world_size(cfg: Config, world_size: int) -> None:
     """Checks that need the number of ranks, made once it is known (at launch)."""
-    if world_size % cfg.moe.ep_size != 0:
-        raise ConfigError(f"config key 'moe.ep_size' = {cfg.moe.ep_size}: expected a divisor of the "
-                          f"world size {world_size}")
+    ep = cfg.moe.ep_size
+    if world_size % ep != 0:
+        how = f"cluster.num_workers={ep}" if cfg.cluster.kind == "ray" else f"dist-moe train --nproc {ep}"
+        raise ConfigError(f"config key 'moe.ep_size' = {ep}: expected a divisor of the world size {world_size} "
+                          f"(run on {ep} ranks or a multiple: {how})")
 
 
 # Keys a checkpoint was built with: changing them on resume would not load or would silently change the run.

@@ -53,6 +53,17 @@ def test_world_size_must_be_a_multiple_of_ep_size():
         config.check_world_size(cfg, 2)
 
 
+def test_ep_size_beyond_the_ranks_is_refused_before_a_run_dir_exists_with_the_flag_that_adds_ranks(tmp_path):
+    result = _cli("train", "moe.ep_size=2", f"run_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and not (tmp_path / "run").exists()
+    assert result.stderr.strip().splitlines() == [
+        "error: config key 'moe.ep_size' = 2: expected a divisor of the world size 1 (run on 2 ranks or a "
+        "multiple: dist-moe train --nproc 2)"]
+    cfg = load_config("tiny", ["moe.ep_size=4", "cluster=ray", "cluster.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"cluster.num_workers=4\)$"):
+        config.check_world_size(cfg, 2)
+
+
 def test_resolved_config_round_trips_through_yaml(tmp_path):
     cfg = load_config("tiny", ["moe.capacity_factor=1.5"])
     path = tmp_path / "config.yaml"

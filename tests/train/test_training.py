@@ -27,11 +27,15 @@ def test_short_run_loss_falls_and_leaves_a_complete_run_dir(tmp_path, cache_dir)
     assert "run dir:" in result.stdout and "dist-moe tensorboard" in result.stdout
 
 
-def test_missing_corpus_is_one_clear_line(tmp_path, cache_dir):
+def test_missing_corpus_is_one_clear_line_and_leaves_no_empty_run_dir(tmp_path, cache_dir):
     result = dist_moe("train", f"data.corpus={tmp_path}/nope.txt", f"run_dir={tmp_path}/run", cache_dir=cache_dir)
     assert result.returncode == 2
     assert "nope.txt" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "run").exists()  # this run created it and it held nothing
+    (tmp_path / "mine").mkdir()  # a dir the user made: kept, however empty
+    again = dist_moe("train", f"data.corpus={tmp_path}/nope.txt", f"run_dir={tmp_path}/mine", cache_dir=cache_dir)
+    assert again.returncode == 2 and (tmp_path / "mine").is_dir()
 
 
 @pytest.mark.parametrize("impl", ["dist_moe", "deepspeed"])
