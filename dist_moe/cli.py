@@ -152,15 +152,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
-    import subprocess
+    """TensorBoard replaces this process (exec), so stopping this PID stops the server; it prints its own URL once
+    it serves. A busy port is refused here, as one line, before TensorBoard starts."""
+    import socket
 
     logdir = Path(args.run_dir) / "tb"
     if not logdir.is_dir():
         raise config.ConfigError(f"'{logdir}' does not exist (no TensorBoard events in that run dir)")
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise config.ConfigError(f"port {args.port} on {args.host} is not free ({exc.strerror}): pick "
+                                     f"another with --port") from None
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", args.host,
            "--port", str(args.port)]
-    print(f"TensorBoard on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
-    return subprocess.call(cmd)
+    sys.stdout.flush()
+    os.execv(sys.executable, cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
