@@ -39,13 +39,18 @@ def load_heatmap(load: np.ndarray, layers: Sequence[int], title: str, change: bo
     if load.size <= 128:  # small enough to print every cell
         for (i, e), value in np.ndenumerate(load):
             ax.text(e, i, f"{value:+.2f}" if change else f"{value:.2f}", ha="center", va="center", fontsize=8,
-                    color="black" if change or value > 0.6 * image.norm.vmax else "white")
+                    color="white" if _dark_cell(value, image.norm.vmax, change) else "black")
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_xticks(range(0, num_experts, 1 if num_experts <= 32 else 8))
     ax.set_yticks(range(num_layers), labels=[str(i) for i in layers])
     ax.set_title(title)
     return fig
+
+
+def _dark_cell(value: float, vmax: float, change: bool) -> bool:
+    """viridis is dark at its low end; RdBu_r at both ends (deep blue, deep red), light around zero."""
+    return abs(value) > 0.6 * vmax if change else value <= 0.6 * vmax
 
 
 def to_rgb(fig: Figure) -> np.ndarray:

@@ -8,7 +8,7 @@ from matplotlib.image import imread
 from torch.utils.tensorboard import SummaryWriter
 
 from dist_moe.analysis.expert_load import AnalysisError, analyze, dead_experts, drop_trend, read_history
-from dist_moe.analysis.plots import HEATMAP_DPI, heatmap_figsize
+from dist_moe.analysis.plots import HEATMAP_DPI, heatmap_figsize, load_heatmap
 
 E = 8
 STEPS = [10, 20, 30, 40, 50, 60]
@@ -122,3 +122,24 @@ def test_unanalysable_directories_are_one_clear_line(tmp_path, case):
     assert expected in message, message
     if case != "last_zero":
         assert str(target) in message
+
+
+@pytest.mark.parametrize("change", [False, True])
+def test_every_heatmap_cell_label_contrasts_with_its_cell(change):
+    """Text luminance vs the cell's colour under the figure's own colormap and norm: a label black on deep red
+    (the change map's ends) or white on yellow would be unreadable in TensorBoard's scaled-down card."""
+    from matplotlib.colors import to_rgb as colour
+
+    rng = np.random.default_rng(0)
+    load = rng.uniform(-0.2, 0.2, (4, 8)) if change else rng.dirichlet(np.ones(8) * 0.5, size=4)
+    fig = load_heatmap(load, [0, 1, 2, 3], "t", change=change)
+    image = fig.axes[0].images[0]
+
+    def luminance(rgb) -> float:
+        return float(np.dot(rgb[:3], [0.2126, 0.7152, 0.0722]))
+
+    assert len(fig.axes[0].texts) == load.size
+    for text in fig.axes[0].texts:
+        e, i = (round(v) for v in text.get_position())
+        cell = image.cmap(image.norm(load[i, e]))
+        assert abs(luminance(colour(text.get_color())) - luminance(cell)) > 0.3, (i, e, load[i, e], text.get_color())
