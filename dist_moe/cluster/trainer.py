@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 from dist_moe.config import Config, to_yaml
@@ -20,17 +21,19 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _worker(loop_config: dict) -> None:
-    import ray.train
-
+    """No ray.train.report: the run dir holds the results (summary.json), and Ray Train logged each report
+    as a TrainingReport(...) dump per rank."""
     from dist_moe.config import from_yaml
     from dist_moe.train.loop import run
 
-    summary = run(from_yaml(loop_config["config_yaml"]))
-    ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, bool))})
+    run(from_yaml(loop_config["config_yaml"]))
 
 
 def init_ray(address: str) -> None:
     """Connect to `address` (or the cluster of the Ray job we run in), or start a local Ray bound to 127.0.0.1."""
+    if not sys.stdout.isatty():  # a log file (a submitted job's, nohup's): worker lines without colour codes;
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the driver reads it as it prints each worker line
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; its "[repeated Nx]" note is always coloured
     import ray
 
     if ray.is_initialized():
@@ -40,15 +43,15 @@ def init_ray(address: str) -> None:
     elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray job (its runtime_env sets WORKER_ENV):
         ray.init()  # RAY_ADDRESS names the job's cluster
     else:
-        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV})
 
 
 def train_on_ray(cfg: Config) -> int:
+    init_ray(cfg.cluster.address)  # first: it sets what Ray reads when imported
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    init_ray(cfg.cluster.address)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumable = dataclasses.replace(cfg, run_dir=str(run_dir), resume="auto")

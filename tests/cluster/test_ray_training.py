@@ -55,6 +55,7 @@ def test_two_worker_job_through_submit_trains_checkpoints_and_logs(ray_head, tmp
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     logs = dist_moe("logs", "--address", ray_head, job_id, cwd=tmp_path)
     assert logs.returncode == 0 and logs.stdout.count("step      6/6") == 1  # each worker line once
+    assert "\x1b[" not in logs.stdout and "TrainingReport" not in logs.stdout  # a log file: no colours, no dumps
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, tmp_path):
