@@ -9,6 +9,7 @@ must therefore live on storage all workers share (one machine: any local path).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,13 +39,14 @@ def init_ray(address: str) -> None:
 
     if ray.is_initialized():
         return
+    quiet = logging.WARNING  # not its "Connected to Ray cluster. View the dashboard at <coloured URL>" line
     if address:
-        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV})
+        ray.init(address=address, runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
     elif "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray job (its runtime_env sets WORKER_ENV):
-        ray.init()  # RAY_ADDRESS names the job's cluster
+        ray.init(logging_level=quiet)  # RAY_ADDRESS names the job's cluster
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
-                 num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV})
+                 num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
 
 
 def train_on_ray(cfg: Config) -> int:
