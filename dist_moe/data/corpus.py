@@ -2,10 +2,11 @@
 
 Five sources: `stdlib` (the running interpreter's standard library sources: tens of MB of real text on
 every machine, no download), `site-packages` (the Python sources of every installed package: hundreds of
-MB where torch and its peers are installed, for runs that would repeat the stdlib), a text file (documents separated by blank lines), a folder (every text-like
-file, recursively) or a `.jsonl` file (one document per line, in its `text` field). The order is
-deterministic (sorted paths, then file order), reading stops at `max_corpus_mb`, symlinked folders are
-followed (each real folder once), and files that are not UTF-8 text are skipped and named. `\\r\\n` line ends are read as `\\n`.
+MB where torch and its peers are installed, for runs that would repeat the stdlib), a text file (documents
+separated by blank lines), a folder (every text-like file, recursively) or a `.jsonl` file (one document
+per line, in its `text` field). The order is deterministic (sorted paths, then file order), reading stops
+at `max_corpus_mb`, symlinked folders are followed (each real folder once), and files that are not UTF-8
+text are skipped and named. `\\r\\n` line ends are read as `\\n`.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def load_corpus(spec: str, max_mb: float = 0.0) -> Corpus:
         for root in site_packages_dirs():
             more_docs, more_skipped = _read_tree(root, (".py",), _is_hidden_dir, budget)
             docs += [Document(f"{root.name}/{d.name}", d.text) for d in more_docs]
-            skipped += more_skipped
+            skipped += [f"{root.name}/{name}" for name in more_skipped]
         source = f"site-packages ({', '.join(map(str, site_packages_dirs()))})"
     else:
         path = Path(spec).expanduser()
