@@ -49,11 +49,17 @@ class ModelConfig:
     max_seq_len: int = _f(256, "longest sequence the model is run on")
     attention_window: int = _f(0, "sliding-window attention width (Mistral-style); 0 = full causal")
     rope_theta: float = _f(10000.0, "RoPE base")
-    rope_scaling: str = _f("none", "context extension: none | linear | ntk | yarn")
+    # RoPE scaling keys are transformers' rope_parameters names with a rope_ prefix (docs/export.md)
+    rope_scaling: str = _f("none", "context extension: none | linear | ntk | yarn (transformers' rope_type)")
     rope_factor: float = _f(1.0, "scale s = target context / original context")
-    rope_original_max_seq_len: int = _f(256, "context length the model was (pre)trained at")
-    yarn_beta_fast: float = _f(32.0, "YaRN: rotations above which a dimension is left unscaled")
-    yarn_beta_slow: float = _f(1.0, "YaRN: rotations below which a dimension is fully interpolated")
+    rope_original_max_position_embeddings: int = _f(256, "context length the model was (pre)trained at")
+    rope_beta_fast: float = _f(32.0, "YaRN: rotations above which a dimension is left unscaled")
+    rope_beta_slow: float = _f(1.0, "YaRN: rotations below which a dimension is fully interpolated")
+    rope_attention_factor: float = _f(0.0, "YaRN: cos/sin scale; 0 = from rope_factor (and the two mscales)")
+    rope_mscale: float = _f(0.0, "YaRN: attention factor = mscale(s, mscale) / mscale(s, mscale_all_dim); "
+                                 "0 = unset")
+    rope_mscale_all_dim: float = _f(0.0, "YaRN: see rope_mscale; 0 = unset")
+    rope_truncate: bool = _f(True, "YaRN: round the blend band's dimension bounds to integers (floor/ceil)")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
     init_std: float = _f(0.02, "std of the normal weight init")
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
@@ -179,6 +185,26 @@ def _error_key(exc: OmegaConfBaseException) -> str:
     return str(key)
 
 
+# Keys renamed to transformers' names: an override of an old name is told the new one; a config.yaml written
+# before the rename (a run dir's) is read with the new names, unless it used YaRN, whose formula changed.
+RENAMED = {"model.rope_original_max_seq_len": "model.rope_original_max_position_embeddings",
+           "model.yarn_beta_fast": "model.rope_beta_fast", "model.yarn_beta_slow": "model.rope_beta_slow"}
+
+
+def _migrate(layer: DictConfig, source: str) -> DictConfig:
+    model = layer.get("model") if isinstance(layer, DictConfig) else None
+    old = [key.split(".")[1] for key in RENAMED if model is not None and key.split(".")[1] in model]
+    if not old:
+        return layer
+    if model.get("rope_scaling") == "yarn":
+        raise ConfigError(f"{source}: trained with dist_moe's earlier YaRN, which ramps frequencies linearly in "
+                          "rotations (transformers ramps in dimension index: up to 67% apart), so its weights do "
+                          "not fit the current model; resume or sample it with the dist_moe version that trained it")
+    for name in old:
+        model[RENAMED[f"model.{name}"].split(".")[1]] = model.pop(name)
+    return layer
+
+
 def load_config(preset: Optional[str] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Defaults <- preset YAML <- `key=value` overrides, then validated. Returns a plain Config."""
     cfg = OmegaConf.structured(Config)
@@ -186,12 +212,16 @@ def load_config(preset: Optional[str] = None, overrides: tuple[str, ...] | list[
     if preset:
         path = resolve_preset(preset)
         try:
-            layers.append(OmegaConf.load(path))
+            layer = OmegaConf.load(path)
         except Exception as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        layers.append(_migrate(layer, str(path)))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.max_steps=100")
+        if item.split("=", 1)[0] in RENAMED:
+            key = item.split("=", 1)[0]
+            raise ConfigError(f"config key '{key}' is now '{RENAMED[key]}' (transformers' name for it)")
     try:
         layers.append(OmegaConf.from_dotlist([_expand_shorthand(o) for o in overrides]))
         for layer in layers:
@@ -272,6 +302,9 @@ def validate(cfg: Config) -> None:
     need(d.seq_len <= m.max_seq_len, "data.seq_len", f"<= model.max_seq_len={m.max_seq_len}")
     need(m.attention_window >= 0, "model.attention_window", "0 (off) or a positive window")
     need(m.rope_factor >= 1.0, "model.rope_factor", ">= 1 (1 = no scaling)")
+    need(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "> model.rope_beta_slow > 0")
+    for key in ("model.rope_attention_factor", "model.rope_mscale", "model.rope_mscale_all_dim"):
+        need(_get(cfg, key) >= 0, key, ">= 0 (0 = unset)")
     need(m.rope_theta > 0, "model.rope_theta", "a positive base")
     need(moe.top_k <= moe.num_experts, "moe.top_k", f"<= moe.num_experts={moe.num_experts}")
     need(moe.num_experts % moe.ep_size == 0, "moe.ep_size", f"a divisor of moe.num_experts={moe.num_experts}")
@@ -341,7 +374,7 @@ def to_yaml(cfg: Config) -> str:
 def from_yaml(text: str, source: str = "<config>") -> Config:
     """Re-read a resolved config (as written into a run dir): no preset layering, still validated."""
     try:
-        loaded = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        loaded = OmegaConf.merge(OmegaConf.structured(Config), _migrate(OmegaConf.create(text), source))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     obj: Config = OmegaConf.to_object(loaded)  # type: ignore[assignment]

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from dist_moe import config
-from dist_moe.config import ConfigError, load_config
+from dist_moe.config import ConfigError, from_yaml, load_config, to_yaml
 
 
 def test_defaults_then_preset_then_overrides():
@@ -120,3 +120,23 @@ def test_cli_train_help_shows_the_default_presets_values_and_names_it():
 def test_cli_resume_of_a_missing_run_dir_is_a_clear_error(tmp_path):
     result = _cli("resume", str(tmp_path / "nope"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_renamed_rope_key_points_to_transformers_name():
+    with pytest.raises(ConfigError, match=r"'model.yarn_beta_fast' is now 'model.rope_beta_fast'"):
+        load_config("tiny", ["model.yarn_beta_fast=16"])
+
+
+def test_old_run_config_is_read_with_new_names_and_old_yarn_is_refused(tmp_path):
+    old = to_yaml(load_config("tiny")).replace("rope_original_max_position_embeddings:", "rope_original_max_seq_len:")
+    old = old.replace("rope_beta_fast: 32.0", "yarn_beta_fast: 16.0")
+    path = tmp_path / "config.yaml"
+    path.write_text(old)
+    assert load_config(str(path)).model.rope_beta_fast == 16.0
+    assert from_yaml(old).model.rope_beta_fast == 16.0
+    path.write_text(old.replace("rope_scaling: none", "rope_scaling: yarn"))
+    with pytest.raises(ConfigError, match="earlier YaRN") as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="earlier YaRN"):
+        from_yaml(path.read_text())

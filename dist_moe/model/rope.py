@@ -3,10 +3,12 @@
 Layout: rotate-half (the two halves of each head are the pair), as in Llama and GPT-NeoX.
 - linear: position interpolation, positions / s (Chen et al. 2023).
 - ntk: "NTK-aware" base change, theta * s^(D / (D - 2)).
-- yarn: NTK-by-parts (Peng et al. 2023): a dimension whose wavelength fits r = L_orig / lambda rotations
-  into the original context keeps its frequency when r > beta_fast, is fully interpolated (freq / s) when
-  r < beta_slow, and is blended linearly in between. The attention temperature sqrt(1/t) = 0.1 ln(s) + 1
-  is folded into cos and sin, so both q and k carry it and the logits scale by (0.1 ln(s) + 1)^2.
+- yarn: NTK-by-parts (Peng et al. 2023) as transformers computes it (`_compute_yarn_parameters`, after the
+  YaRN authors' code): the pair index d at which a frequency makes r rotations over the original context is
+  d(r) = D ln(L_orig / (2 pi r)) / (2 ln theta); pairs below d(beta_fast) keep their frequency, pairs above
+  d(beta_slow) are fully interpolated (freq / s), and between them the blend is linear in the pair index
+  (the bounds floored/ceiled when truncate). The attention factor (0.1 ln(s) + 1, or the ratio of two
+  mscales, or given) is folded into cos and sin, as transformers does.
 """
 
 from __future__ import annotations
@@ -23,10 +25,29 @@ def base_inv_freq(dim: int, theta: float) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
 
 
-def yarn_ramp(inv_freq: torch.Tensor, original_len: int, beta_fast: float, beta_slow: float) -> torch.Tensor:
-    """Per dimension, 1 = keep the original frequency, 0 = interpolate fully, linear in rotations between."""
-    rotations = original_len * inv_freq / (2 * math.pi)  # r = L_orig / wavelength
-    return ((rotations - beta_slow) / (beta_fast - beta_slow)).clamp(0.0, 1.0)
+def yarn_correction_range(m: ModelConfig) -> tuple[float, float]:
+    """(low, high) pair indices of the blend band: where beta_fast and beta_slow rotations fit L_orig."""
+    dim, theta, length = head_dim(m), m.rope_theta, m.rope_original_max_position_embeddings
+
+    def pair_index(rotations: float) -> float:
+        return dim * math.log(length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(m.rope_beta_fast), pair_index(m.rope_beta_slow)
+    if m.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def yarn_attention_factor(m: ModelConfig) -> float:
+    """The cos/sin scale: given, or mscale(s, mscale) / mscale(s, mscale_all_dim), or 0.1 ln(s) + 1."""
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    if m.rope_attention_factor:
+        return m.rope_attention_factor
+    if m.rope_mscale and m.rope_mscale_all_dim:
+        return mscale(m.rope_factor, m.rope_mscale) / mscale(m.rope_factor, m.rope_mscale_all_dim)
+    return mscale(m.rope_factor)
 
 
 def scaled_inv_freq(m: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -39,10 +60,11 @@ def scaled_inv_freq(m: ModelConfig) -> tuple[torch.Tensor, float]:
     if m.rope_scaling == "ntk":
         return base_inv_freq(dim, m.rope_theta * s ** (dim / (dim - 2))), 1.0
     inv_freq = base_inv_freq(dim, m.rope_theta)
-    keep = yarn_ramp(inv_freq, m.rope_original_max_seq_len, m.yarn_beta_fast, m.yarn_beta_slow)
-    blended = inv_freq / s * (1 - keep) + inv_freq * keep
-    mscale = 0.1 * math.log(s) + 1.0 if s > 1 else 1.0
-    return blended, mscale
+    low, high = yarn_correction_range(m)
+    pair = torch.arange(dim // 2, dtype=torch.float64)
+    span = high - low if high != low else 1e-3  # transformers' guard against a zero-width band
+    interpolated = ((pair - low) / span).clamp(0.0, 1.0)  # 0 = keep the frequency, 1 = divide it by s
+    return inv_freq / s * interpolated + inv_freq * (1 - interpolated), yarn_attention_factor(m)
 
 
 def rope_cache(m: ModelConfig, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ def rotation_float64(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 @pytest.mark.parametrize("B, H, T, D, offset", [(2, 3, 37, 32, 0), (1, 4, 20, 96, 5), (2, 2, 9, 128, 100)])
 def test_rope_kernel_matches_a_float64_rotation_forward_and_backward(dtype, B, H, T, D, offset):
     m = ModelConfig(d_model=D * 4, num_heads=4, num_kv_heads=2, max_seq_len=256, rope_scaling="yarn",
-                    rope_factor=4.0, rope_original_max_seq_len=64)
+                    rope_factor=4.0, rope_original_max_position_embeddings=64)
     cos, sin = (t.to(DEVICE)[offset:offset + T] for t in rope_cache(m, 256))
     g = torch.Generator().manual_seed(T * D)
     x = torch.randn(B, T, H, D, generator=g).to(DEVICE, dtype).transpose(1, 2).requires_grad_()  # (B, H, T, D) view

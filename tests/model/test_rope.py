@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -8,7 +9,7 @@ from dist_moe.model.rope import apply_rope, base_inv_freq, rope_cache, scaled_in
 
 
 def model_config(**kw) -> ModelConfig:
-    return ModelConfig(d_model=64, num_heads=2, num_kv_heads=1, max_seq_len=256, rope_original_max_seq_len=64, **kw)
+    return ModelConfig(d_model=64, num_heads=2, num_kv_heads=1, max_seq_len=256, rope_original_max_position_embeddings=64, **kw)
 
 
 @pytest.mark.parametrize("scaling, factor", [("none", 1.0), ("linear", 4.0), ("ntk", 4.0), ("yarn", 4.0)])
@@ -45,24 +46,58 @@ def test_yarn_at_scale_one_equals_plain_rope():
     assert torch.equal(plain[0], yarn[0]) and torch.equal(plain[1], yarn[1])
 
 
-def test_yarn_frequencies_follow_the_ntk_by_parts_ramp():
-    s, L, fast, slow = 8.0, 64, 32.0, 1.0
-    inv_freq, mscale = scaled_inv_freq(model_config(rope_scaling="yarn", rope_factor=s, yarn_beta_fast=fast,
-                                                    yarn_beta_slow=slow))
-    base = base_inv_freq(32, 10000.0)
-    for i in range(16):
-        rotations = L / (2 * math.pi / base[i].item())
-        if rotations > fast:
-            expected = base[i]  # high frequency: untouched
-        elif rotations < slow:
-            expected = base[i] / s  # low frequency: fully interpolated
-        else:
-            gamma = (rotations - slow) / (fast - slow)
-            expected = base[i] / s * (1 - gamma) + base[i] * gamma
-        assert inv_freq[i].item() == pytest.approx(expected.item(), rel=1e-12)
-    assert mscale == pytest.approx(0.1 * math.log(s) + 1)
-    kinds = {(L * f / (2 * math.pi)) > fast for f in base.tolist()} | {(L * f / (2 * math.pi)) < slow for f in base.tolist()}
-    assert kinds == {True, False}  # the test dims cover both ends of the ramp
+def yarn_reference(dim: int, theta: float, s: float, length: int, fast: float, slow: float):
+    """The YaRN authors' code (jquesnelle/yarn, scaled_rope/LlamaYaRNScaledRotaryEmbedding) in float64 numpy:
+    correction range in dimension index, floored/ceiled, linear ramp mask over the dim/2 pairs."""
+    def correction_dim(rotations):
+        return (dim * math.log(length / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(fast)), 0)
+    high = min(math.ceil(correction_dim(slow)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low if high != low else 0.001), 0, 1)
+    extrapolation_mask = 1 - ramp
+    pos_freqs = theta ** (np.arange(0, dim, 2) / dim)
+    inv_freq = (1 / (s * pos_freqs)) * (1 - extrapolation_mask) + (1 / pos_freqs) * extrapolation_mask
+    return inv_freq, 0.1 * math.log(s) + 1
+
+
+@pytest.mark.parametrize("s, fast, slow", [(8.0, 32.0, 1.0), (4.0, 16.0, 2.0), (2.5, 32.0, 1.0)])
+def test_yarn_frequencies_equal_the_reference_implementation(s, fast, slow):
+    inv_freq, scale = scaled_inv_freq(model_config(rope_scaling="yarn", rope_factor=s, rope_beta_fast=fast,
+                                                   rope_beta_slow=slow))
+    expected, expected_scale = yarn_reference(32, 10000.0, s, 64, fast, slow)
+    assert np.allclose(inv_freq.numpy(), expected, rtol=1e-12, atol=0)
+    assert scale == pytest.approx(expected_scale, rel=1e-12)
+    base = base_inv_freq(32, 10000.0).numpy()
+    kept, divided = np.isclose(expected, base), np.isclose(expected, base / s)
+    assert kept.any() and divided.any() and not (kept | divided).all()  # both ends and a blend band in between
+
+
+@pytest.mark.parametrize("params", [
+    dict(rope_factor=4.0),
+    dict(rope_factor=8.0, rope_beta_fast=16.0, rope_beta_slow=2.0, rope_truncate=False),
+    dict(rope_factor=4.0, rope_mscale=0.707, rope_mscale_all_dim=0.707),
+    dict(rope_factor=4.0, rope_mscale=1.0, rope_mscale_all_dim=0.5),
+    dict(rope_factor=4.0, rope_attention_factor=1.3),
+])
+def test_yarn_equals_transformers(params):
+    import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    m = model_config(rope_scaling="yarn", **params)
+    names = {"rope_factor": "factor", "rope_beta_fast": "beta_fast", "rope_beta_slow": "beta_slow",
+             "rope_truncate": "truncate", "rope_mscale": "mscale", "rope_mscale_all_dim": "mscale_all_dim",
+             "rope_attention_factor": "attention_factor"}
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            **{names[k]: v for k, v in params.items()}}
+    hf = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2, max_position_embeddings=256,
+                                  rope_parameters=rope)
+    expected, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    inv_freq, scale = scaled_inv_freq(m)
+    assert torch.allclose(inv_freq.float(), expected, rtol=1e-6, atol=0)
+    assert scale == pytest.approx(expected_scale, rel=1e-6)
 
 
 def test_yarn_temperature_scales_logits_by_mscale_squared():
