@@ -151,6 +151,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_moe.hf.export import export
+
+    out = export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
+                 max_shard_bytes=int(args.max_shard_gb * 2**30))
+    print(f"exported to {out} (load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
+    return 0
+
+
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     """TensorBoard replaces this process (exec), so stopping this PID stops the server; it prints its own URL once
     it serves. A busy port is refused here, as one line, before TensorBoard starts."""
@@ -248,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(fn=cmd_generate)
+
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face transformers folder",
+                            parents=[common])
+    export.add_argument("run_dir")
+    export.add_argument("out_dir", help="new folder for the safetensors, config and tokenizer")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    export.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weight dtype in the files")
+    export.add_argument("--max-shard-gb", type=float, default=5.0, help="split the weights into files of at most "
+                        "this size (GiB)")
+    export.set_defaults(fn=cmd_export)
 
     tb = sub.add_parser("tensorboard", help="start TensorBoard on a run dir", parents=[common])
     tb.add_argument("run_dir")

@@ -23,20 +23,17 @@ BASE = ["model.vocab_size=96", "model.d_model=32", "model.num_layers=2", "model.
         "model.d_ff=48", "model.max_seq_len=64", "data.seq_len=64", "moe.num_experts=4", "moe.top_k=2",
         "moe.d_expert=24", "moe.dropless=true", "model.init_std=0.15"]
 
-CASES = {
-    "top2_gqa": ([], "mixtral"),
+CASES = {  # between them: top-1/2/3, MHA/GQA/MQA, shared expert, moe_every=2, sliding window, RoPE none/linear/YaRN
+    "top2_gqa_sliding_window": (["model.attention_window=8"], "mixtral"),
     "top1_mqa_linear": (["moe.top_k=1", "model.num_kv_heads=1", "model.rope_scaling=linear", "model.rope_factor=2",
                          "model.tie_embeddings=false"], "qwen2_moe"),
     "top3_mha_yarn": (["moe.num_experts=6", "moe.top_k=3", "model.num_kv_heads=4", "model.rope_scaling=yarn",
                        "model.rope_factor=4", "model.rope_original_max_position_embeddings=16"], "mixtral"),
-    "shared_expert_yarn_mscale": (["moe.shared_expert=true", "model.rope_scaling=yarn", "model.rope_factor=4",
-                                   "model.rope_original_max_position_embeddings=16", "model.rope_mscale=0.8",
-                                   "model.rope_mscale_all_dim=0.5", "model.rope_truncate=false"], "qwen2_moe"),
-    "moe_every_2_head_dim": (["moe.moe_every=2", "model.num_layers=4", "model.head_dim=16"], "qwen2_moe"),
-    "sliding_window": (["model.attention_window=8"], "mixtral"),
-    "sliding_window_moe_every_2": (["model.attention_window=8", "moe.moe_every=2", "moe.shared_expert=true"],
-                                   "qwen2_moe"),
-    "top2_unnormalized": (["moe.normalize_weights=false"], "qwen2_moe"),
+    "shared_expert_moe_every_2_sliding_yarn_mscale": (
+        ["moe.shared_expert=true", "moe.moe_every=2", "model.num_layers=4", "model.head_dim=16",
+         "moe.normalize_weights=false", "model.attention_window=8", "model.rope_scaling=yarn", "model.rope_factor=4",
+         "model.rope_original_max_position_embeddings=16", "model.rope_mscale=0.8", "model.rope_mscale_all_dim=0.5",
+         "model.rope_truncate=false"], "qwen2_moe"),
 }
 
 
