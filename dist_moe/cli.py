@@ -145,6 +145,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.from_hf:
+        from dist_moe.hf.load import generate_from_hf
+
+        print(generate_from_hf(args.from_hf, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+        return 0
+    if not args.run_dir:
+        raise config.ConfigError("dist-moe generate: expected RUN_DIR or --from-hf PATH")
     from dist_moe.train.generate import generate_text
 
     print(generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
@@ -249,8 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default=None, help="directory for the PNG plots (default: RUN_DIR/expert_load)")
     analyze.set_defaults(fn=cmd_analyze)
 
-    gen = sub.add_parser("generate", help="sample text from a run's newest checkpoint", parents=[common])
-    gen.add_argument("run_dir")
+    gen = sub.add_parser("generate", help="sample text from a run's newest checkpoint (or a transformers folder)",
+                         parents=[common])
+    gen.add_argument("run_dir", nargs="?")
+    gen.add_argument("--from-hf", default=None, metavar="PATH", help="sample from a transformers MoE folder "
+                     "(Mixtral, Qwen2-MoE) with its tokenizer instead of a run")
     gen.add_argument("--prompt", default="def ", help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=200)
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -143,6 +143,13 @@ class ClusterConfig:
 
 
 @dataclass
+class InitConfig:
+    from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE): its shape, weights, tokenizer")
+    upcycle_from: str = _f("", "start from a dense transformers Llama folder: every expert a copy of its FFN "
+                               "(sparse upcycling; needs moe.top_k >= 2)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -151,6 +158,7 @@ class Config:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     run_dir: str = _f("", "where this run writes everything; empty = runs/<timestamp>")
     resume: str = _f("never", "never | auto (continue from run_dir's latest checkpoint if there is one)")
 
@@ -321,6 +329,7 @@ def validate(cfg: Config) -> None:
     need(d.vocab_size >= 256, "data.vocab_size", ">= 256")
     need(cfg.ckpt.keep >= 1, "ckpt.keep", ">= 1")
     need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
+    need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")

@@ -39,14 +39,22 @@ class PreparedData:
     corpus: str  # one line: source, documents, size, skipped files
 
 
-def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True) -> PreparedData:
-    """Corpus -> tokenizer -> shards, each reused from the cache when it is there; fills the run dir."""
+def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True,
+                 tokenizer: Path | None = None) -> PreparedData:
+    """Corpus -> tokenizer -> shards, each reused from the cache when it is there; fills the run dir.
+    `tokenizer`: a sentencepiece model to use instead of training one (a transformers folder's, init.from_hf)."""
     corpus = load_corpus(cfg.corpus, cfg.max_corpus_mb)
     _say(corpus.describe(), show_progress)
     cache = Path(cfg.cache_dir).expanduser().resolve()
-    cache /= tokenizer_key(corpus.content_hash(), cfg.vocab_size, cfg.tokenizer_sample_mb)
+    if tokenizer is not None:
+        cache /= tokenizer_key(corpus.content_hash() + "|" + file_sha256(tokenizer), 0, 0)
+        write_bytes_atomic(cache / "tokenizer.model", Path(tokenizer).read_bytes())
+    else:
+        cache /= tokenizer_key(corpus.content_hash(), cfg.vocab_size, cfg.tokenizer_sample_mb)
     model_path = cache / "tokenizer.model"
-    if model_path.is_file():
+    if tokenizer is not None:
+        _say(f"tokenizer: {tokenizer}", show_progress)
+    elif model_path.is_file():
         _say(f"tokenizer: cached at {model_path}", show_progress)
     else:
         texts = [doc.text for doc in corpus.documents]

@@ -149,3 +149,135 @@ def _shared_to_qwen2(out: dict, state: dict, ours: str, shared: str, cfg: Config
             out[f"{shared}{hf}.weight"] = weight * 2 if w == "w2" else weight
         else:
             out[f"{shared}{hf}.weight"] = like.new_zeros((d_model, 1) if w == "w2" else (1, d_model))
+
+
+# ----------------------------------------------------------------------------------------------------
+# transformers -> ours (import, upcycling)
+
+
+def _refuse(path: str, key: str, value, expected: str) -> ConfigError:
+    return ConfigError(f"{path}: config key '{key}' = {value!r}: expected {expected} (no dist_moe model equals it)")
+
+
+def apply_hf_config(hf: dict, cfg: Config, path: str, dense: bool = False) -> None:
+    """Set cfg.model (and cfg.moe unless dense) from a transformers config.json dict, or refuse naming the key.
+
+    MoE: mixtral, qwen2_moe. Dense (upcycling): llama; the MoE shape then stays cfg.moe's.
+    """
+    kinds = ("llama",) if dense else ("mixtral", "qwen2_moe")
+    kind = hf.get("model_type")
+    if kind not in kinds:
+        raise _refuse(path, "model_type", kind, " | ".join(kinds))
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _refuse(path, "hidden_act", hf["hidden_act"], "'silu' (SwiGLU)")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise _refuse(path, key, hf[key], "false")
+    m = cfg.model
+    m.vocab_size, m.d_model, m.num_layers = hf["vocab_size"], hf["hidden_size"], hf["num_hidden_layers"]
+    m.num_heads, m.num_kv_heads = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    m.head_dim = hf.get("head_dim") or 0
+    m.d_ff, m.max_seq_len = hf["intermediate_size"], hf["max_position_embeddings"]
+    m.norm_eps, m.tie_embeddings = hf["rms_norm_eps"], bool(hf.get("tie_word_embeddings", False))
+    m.init_std = hf.get("initializer_range", m.init_std)
+    _apply_rope(hf, m, path)
+    types = set(hf.get("layer_types") or [])
+    window = hf.get("sliding_window") if (kind == "mixtral" or "sliding_attention" in types) else None
+    if len(types) > 1:
+        raise _refuse(path, "layer_types", sorted(types), "one attention kind on every layer")
+    m.attention_window = window or 0
+    if dense:
+        return
+    moe = cfg.moe
+    moe.top_k, moe.shared_expert = hf["num_experts_per_tok"], False
+    if kind == "mixtral":
+        moe.num_experts, moe.d_expert, moe.moe_every, moe.normalize_weights = hf["num_local_experts"], m.d_ff, 1, True
+        return
+    moe.num_experts, moe.d_expert, moe.moe_every = hf["num_experts"], hf["moe_intermediate_size"], hf["decoder_sparse_step"]
+    if hf.get("mlp_only_layers"):
+        raise _refuse(path, "mlp_only_layers", hf["mlp_only_layers"], "[] (dense layers only every decoder_sparse_step)")
+    if moe.top_k == 1 and hf.get("norm_topk_prob"):
+        raise _refuse(path, "norm_topk_prob", True, "false at top-1 (dist_moe keeps the raw probability)")
+    moe.normalize_weights = bool(hf.get("norm_topk_prob"))
+
+
+def _apply_rope(hf: dict, m, path: str) -> None:
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    m.rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "yarn"):
+        raise _refuse(path, "rope_parameters.rope_type", kind, "default | linear | yarn")
+    m.rope_scaling = {"default": "none"}.get(kind, kind)
+    m.rope_factor = float(rope.get("factor") or 1.0)
+    if kind == "yarn":
+        m.rope_original_max_position_embeddings = rope.get("original_max_position_embeddings") or m.max_seq_len
+        m.rope_beta_fast, m.rope_beta_slow = rope.get("beta_fast") or 32.0, rope.get("beta_slow") or 1.0
+        m.rope_attention_factor = rope.get("attention_factor") or 0.0
+        m.rope_mscale, m.rope_mscale_all_dim = rope.get("mscale") or 0.0, rope.get("mscale_all_dim") or 0.0
+        m.rope_truncate = rope.get("truncate", True)
+
+
+def _experts(hf_state: dict, prefix: str, names: dict[str, str], num_experts: int) -> dict[str, list[torch.Tensor]]:
+    """ours w1|w2|w3 -> per-expert nn.Linear weights, from per-expert keys or transformers 5's fused
+    `experts.gate_up_proj` (E, 2F, D) and `experts.down_proj` (E, D, F)."""
+    if f"{prefix}experts.gate_up_proj" in hf_state:
+        w1, w3 = hf_state[f"{prefix}experts.gate_up_proj"].chunk(2, dim=1)
+        return {"w1": list(w1), "w3": list(w3), "w2": list(hf_state[f"{prefix}experts.down_proj"])}
+    return {w: [hf_state[f"{prefix}experts.{e}.{names[w]}.weight"] for e in range(num_experts)] for w in names}
+
+
+def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, path: str) -> dict[str, torch.Tensor]:
+    """transformers' names -> our checkpoint names (the inverse of checkpoint_to_hf); refuses what we cannot hold."""
+    m = cfg.model
+    out = {ours: hf_state[theirs] for ours, theirs in TOP.items() if theirs in hf_state}
+    if m.tie_embeddings or "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["embed.weight"]
+    for i in range(m.num_layers):
+        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            bias = hf_state.get(f"{theirs}self_attn.{proj}.bias")
+            if bias is not None and bias.any():
+                raise ConfigError(f"{path}: {theirs}self_attn.{proj}.bias is not zero (dist_moe's attention has no bias)")
+        out.update({ours + name: hf_state[theirs + hf] for name, hf in ATTENTION.items()})
+        if not is_moe_layer(cfg, i):
+            out.update({f"{ours}ffn.{w}.weight": hf_state[f"{theirs}mlp.{hf}.weight"] for w, hf in SWIGLU.items()})
+            continue
+        mixtral = kind == "mixtral"
+        moe_prefix = theirs + ("block_sparse_moe." if mixtral else "mlp.")
+        out[f"{ours}ffn.{GATE_KEY}"] = hf_state[moe_prefix + "gate.weight"]
+        names = {w: w for w in SWIGLU} if mixtral else SWIGLU
+        for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts).items():
+            out.update({f"{ours}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{w}.weight": t
+                        for e, t in enumerate(weights)})
+        if not mixtral:
+            _shared_from_qwen2(out, hf_state, ours, moe_prefix, cfg, path)
+    return out
+
+
+def qwen2_shared_expert(hf_state: dict[str, torch.Tensor], cfg: Config, path: str) -> bool:
+    """Whether a Qwen2-MoE holds a shared expert we can represent (ungated: its gate weights zero); its
+    all-zero shared expert (ours without one, exported) is none."""
+    layer = next(i for i in range(cfg.model.num_layers) if is_moe_layer(cfg, i))
+    prefix = f"model.layers.{layer}.mlp."
+    if not any(hf_state[f"{prefix}shared_expert.{hf}.weight"].any() for hf in SWIGLU.values()):
+        return False
+    if hf_state[prefix + "shared_expert_gate.weight"].any():
+        raise ConfigError(f"{path}: {prefix}shared_expert_gate.weight is not zero (a gated shared expert has no "
+                          "dist_moe equivalent)")
+    width = hf_state[f"{prefix}shared_expert.gate_proj.weight"].shape[0]
+    if width != expert_width(cfg):
+        raise _refuse(path, "shared_expert_intermediate_size", width, f"moe_intermediate_size = {expert_width(cfg)} "
+                      "(dist_moe's shared expert is as wide as a routed one)")
+    return True
+
+
+def _shared_from_qwen2(out: dict, hf_state: dict, ours: str, prefix: str, cfg: Config, path: str) -> None:
+    """Zero gate = x 1/2: our ungated shared expert has half the down projection."""
+    if not cfg.moe.shared_expert:
+        return
+    if hf_state[prefix + "shared_expert_gate.weight"].any():
+        raise ConfigError(f"{path}: {prefix}shared_expert_gate.weight is not zero (a gated shared expert has no "
+                          "dist_moe equivalent)")
+    for w, hf in SWIGLU.items():
+        weight = hf_state[f"{prefix}shared_expert.{hf}.weight"]
+        out[f"{ours}ffn.shared_mlp.{w}.weight"] = weight / 2 if w == "w2" else weight

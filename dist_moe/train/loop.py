@@ -60,14 +60,23 @@ def run(cfg: Config) -> dict:
     if cfg.resume == "never" and checkpoint.candidates(run_dir):  # never train over a run's checkpoints
         raise ConfigError(f"run dir '{run_dir}' already holds checkpoints: continue it with "
                           f"`dist-moe resume {run_dir}` (or resume=auto), or pick another run_dir")
+    hf_init = bool(cfg.init.from_hf or cfg.init.upcycle_from)
+    if hf_init:  # the model's shape (and the tokenizer, where the folder has one) come from a transformers folder
+        from dist_moe.hf import load as hf_load
+
+        hf_load.apply_init_config(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        prepared = prepare_data(cfg.data, run_dir, show_progress=True)
+        prepared = prepare_data(cfg.data, run_dir, show_progress=True,
+                                tokenizer=hf_load.init_tokenizer(cfg) if hf_init else None)
     torch.distributed.barrier()
     if not ctx.is_main:
         prepared = load_prepared(run_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = prepared.vocab_size
+    if prepared.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"tokenizer of {prepared.vocab_size} pieces > model.vocab_size={cfg.model.vocab_size} "
+                          "(init.upcycle_from: give the folder the tokenizer.model it was trained with)")
     resuming = cfg.resume == "auto" and bool(checkpoint.candidates(run_dir))
     if resuming:
         check_resumable(from_yaml_file(run_dir / "config.yaml"), cfg)
@@ -77,6 +86,10 @@ def run(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.train.seed)  # identical non-expert init on every rank
     model = Transformer(cfg, ep_group=expert_parallel_group(cfg.moe.ep_size))
+    if hf_init and not resuming:
+        hf_load.load_init_weights(model, cfg)
+        say(ctx, f"initialised from {cfg.init.from_hf or cfg.init.upcycle_from}"
+                 + (" (upcycled: every expert a copy of the dense FFN)" if cfg.init.upcycle_from else ""))
     total_params, active_params = num_parameters(model)
     engine = build_engine(cfg, model, ctx)
     sampler = TokenSampler(prepared.train_path, cfg.data.seq_len, cfg.train.micro_batch_size,

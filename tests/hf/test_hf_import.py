@@ -1,0 +1,103 @@
+"""Import and upcycling: checkpoints made by transformers itself from a random init (nothing downloaded).
+
+init.from_hf: our model with the folder's shape and weights gives transformers' logits (1e-4, float32,
+dropless). init.upcycle_from: a dense Llama becomes our MoE whose loss at step 0 equals the dense model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
+from dist_moe.config import ConfigError, load_config
+from dist_moe.hf import load
+from dist_moe.model.transformer import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+SHAPE = dict(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.2)
+
+
+def save_random(config, path, edit=None):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    for name, p in model.named_parameters():  # norms away from 1, so a mix-up shows
+        if name.endswith("norm.weight"):
+            p.data.uniform_(0.5, 1.5)
+    if edit:
+        edit(model)
+    model.save_pretrained(path)
+    return model
+
+
+def ours_from(key: str, path, overrides=()) -> Transformer:
+    cfg = load_config("tiny", [f"init.{key}={path}", "moe.dropless=true", "data.seq_len=64", *overrides])
+    load.apply_init_config(cfg)
+    torch.manual_seed(1)
+    model = Transformer(cfg).eval()
+    load.load_init_weights(model, cfg)
+    return model
+
+
+def zero_shared_gate(model):
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "shared_expert_gate"):
+            layer.mlp.shared_expert_gate.weight.data.zero_()
+
+
+CASES = {
+    "mixtral_top2_sliding": (transformers.MixtralConfig, dict(intermediate_size=48, num_local_experts=4,
+                                                             num_experts_per_tok=2, sliding_window=8), None),
+    "qwen2_moe_shared_moe_every_2_yarn": (
+        transformers.Qwen2MoeConfig,
+        dict(num_hidden_layers=4, intermediate_size=40, moe_intermediate_size=24, shared_expert_intermediate_size=24,
+             num_experts=4, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, qkv_bias=False,
+             rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 16}), zero_shared_gate),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_imported_model_gives_transformers_logits(case, tmp_path):
+    config_class, shape, edit = CASES[case]
+    hf = save_random(config_class(**{**SHAPE, **shape}), tmp_path, edit)
+    ours = ours_from("from_hf", tmp_path)
+    assert ours.cfg.moe.shared_expert == (edit is not None)
+    tokens = torch.randint(0, 80, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, ours(tokens).logits
+    assert expected.abs().max() > 1.0
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_gated_shared_expert_is_refused_naming_the_weight(tmp_path):
+    save_random(transformers.Qwen2MoeConfig(**SHAPE, intermediate_size=40, moe_intermediate_size=24,
+                                            shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                            qkv_bias=False), tmp_path)
+    with pytest.raises(ConfigError, match="shared_expert_gate.weight is not zero"):
+        ours_from("from_hf", tmp_path)
+
+
+def test_upcycled_moe_starts_at_the_dense_models_loss(tmp_path):
+    dense = save_random(transformers.LlamaConfig(**SHAPE, intermediate_size=48), tmp_path)
+    ours = ours_from("upcycle_from", tmp_path, ["moe.num_experts=4", "moe.top_k=2"])
+    block = ours.blocks[0].ffn
+    assert block.experts.w13.shape == (4, 32, 96) and torch.equal(block.experts.w13[0], block.experts.w13[3])
+    std = block.router.weight.std().item()  # the router: random at the init scale (initializer_range)
+    assert 0.5 * ours.cfg.model.init_std < std < 1.5 * ours.cfg.model.init_std
+    tokens = torch.randint(0, 80, (4, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense_loss = F.cross_entropy(dense(tokens).logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        moe_out = ours(tokens)
+        moe_loss = F.cross_entropy(moe_out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    assert moe_out.aux_loss > 0  # the routers do route
+    assert abs(moe_loss.item() - dense_loss.item()) < 1e-5
+
+
+def test_upcycling_at_top1_is_refused(tmp_path):
+    save_random(transformers.LlamaConfig(**SHAPE, intermediate_size=48), tmp_path)
+    with pytest.raises(ConfigError, match="moe.top_k"):
+        ours_from("upcycle_from", tmp_path, ["moe.top_k=1"])
