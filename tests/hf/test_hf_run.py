@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
+from dist_moe.config import from_yaml_file
 from dist_moe.data import Tokenizer, load_corpus
+from dist_moe.hf.load import generate_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,6 +51,19 @@ def test_exported_run_generates_the_same_greedy_text(exported):
     assert out.shape[1] == ids.shape[1] + 32
     text = tokenizer.decode(out[0])
     assert text.startswith(prompt) and ours.endswith("\n" + text + "\n")  # DeepSpeed may print lines before it
+    assert generate_from_hf(out_dir, prompt, 32, temperature=0, top_k=0, seed=0) == text  # and back again
+
+
+@pytest.mark.slow
+def test_training_starts_from_the_exported_folder_with_its_tokenizer(exported, tmp_path):
+    _, out_dir = exported
+    run_dir = tmp_path / "from_hf"
+    stdout = dist_moe("train", *SMALL, "train.max_steps=1", f"init.from_hf={out_dir}", f"run_dir={run_dir}",
+                      f"data.cache_dir={tmp_path / 'cache'}", "data.vocab_size=256")
+    assert f"initialised from {out_dir}" in stdout
+    assert (run_dir / "tokenizer.model").read_bytes() == (out_dir / "tokenizer.model").read_bytes()
+    saved = from_yaml_file(run_dir / "config.yaml")
+    assert saved.model.vocab_size == 512 and saved.moe.num_experts == 4 and saved.init.from_hf == str(out_dir)
 
 
 @pytest.mark.slow
