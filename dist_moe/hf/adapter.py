@@ -20,6 +20,7 @@ our plain modules load (`ffn.router.weight`, stacked `ffn.experts.w13` (E, D, 2F
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,7 @@ TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.w
        "lm_head.weight": "lm_head.weight"}
 EXPERT_KEY = re.compile(r"blocks\.(\d+)\.ffn\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight")
 GATE_KEY = "deepspeed_moe.gate.wg.weight"
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def architecture(cfg: Config) -> str:
@@ -76,7 +78,8 @@ def hf_config(cfg: Config, eos_id: int, dtype: torch.dtype):
                   bos_token_id=None, eos_token_id=eos_id, pad_token_id=None, num_experts_per_tok=moe.top_k,
                   dtype=str(dtype).removeprefix("torch."), architectures=[ARCHITECTURES[kind]])
     if kind == "mixtral":
-        return transformers.MixtralConfig(**common, intermediate_size=expert_width(cfg), num_local_experts=moe.num_experts,
+        return transformers.MixtralConfig(**common, intermediate_size=expert_width(cfg),
+                                          num_local_experts=moe.num_experts,
                                           sliding_window=m.attention_window or None, router_jitter_noise=0.0)
     window = m.attention_window > 0
     return transformers.Qwen2MoeConfig(
@@ -86,9 +89,6 @@ def hf_config(cfg: Config, eos_id: int, dtype: torch.dtype):
         qkv_bias=False, use_sliding_window=window, sliding_window=m.attention_window or None,
         max_window_layers=m.num_layers if window else 0,
         layer_types=["sliding_attention" if window else "full_attention"] * m.num_layers)
-
-
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,11 +108,12 @@ def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _moe_names(kind: str, layer: int) -> tuple[str, str, callable]:
+def _moe_names(kind: str, layer: int) -> tuple[str, str, Callable[[int, str], str]]:
     """(router key, shared-expert prefix, expert key(e, ours w1|w2|w3)) of an MoE layer in transformers' names."""
     prefix = f"model.layers.{layer}."
     if kind == "mixtral":
-        return prefix + "block_sparse_moe.gate.weight", "", lambda e, w: f"{prefix}block_sparse_moe.experts.{e}.{w}.weight"
+        moe = prefix + "block_sparse_moe."
+        return moe + "gate.weight", "", lambda e, w: f"{moe}experts.{e}.{w}.weight"
     return (prefix + "mlp.gate.weight", prefix + "mlp.shared_expert.",
             lambda e, w: f"{prefix}mlp.experts.{e}.{SWIGLU[w]}.weight")
 
@@ -193,9 +194,10 @@ def apply_hf_config(hf: dict, cfg: Config, path: str, dense: bool = False) -> No
     if kind == "mixtral":
         moe.num_experts, moe.d_expert, moe.moe_every, moe.normalize_weights = hf["num_local_experts"], m.d_ff, 1, True
         return
-    moe.num_experts, moe.d_expert, moe.moe_every = hf["num_experts"], hf["moe_intermediate_size"], hf["decoder_sparse_step"]
+    moe.num_experts, moe.d_expert = hf["num_experts"], hf["moe_intermediate_size"]
+    moe.moe_every = hf["decoder_sparse_step"]
     if hf.get("mlp_only_layers"):
-        raise _refuse(path, "mlp_only_layers", hf["mlp_only_layers"], "[] (dense layers only every decoder_sparse_step)")
+        raise _refuse(path, "mlp_only_layers", hf["mlp_only_layers"], "[] (dense layers come from decoder_sparse_step)")
     if moe.top_k == 1 and hf.get("norm_topk_prob"):
         raise _refuse(path, "norm_topk_prob", True, "false at top-1 (dist_moe keeps the raw probability)")
     moe.normalize_weights = bool(hf.get("norm_topk_prob"))
@@ -237,7 +239,8 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
         for proj in ("q_proj", "k_proj", "v_proj"):
             bias = hf_state.get(f"{theirs}self_attn.{proj}.bias")
             if bias is not None and bias.any():
-                raise ConfigError(f"{path}: {theirs}self_attn.{proj}.bias is not zero (dist_moe's attention has no bias)")
+                raise ConfigError(f"{path}: {theirs}self_attn.{proj}.bias is not zero (dist_moe's attention has "
+                                  "no bias)")
         out.update({ours + name: hf_state[theirs + hf] for name, hf in ATTENTION.items()})
         if not is_moe_layer(cfg, i):
             out.update({f"{ours}ffn.{w}.weight": hf_state[f"{theirs}mlp.{hf}.weight"] for w, hf in SWIGLU.items()})
