@@ -76,10 +76,21 @@ class MoEConfig:
     min_capacity: int = _f(4, "lower bound on the per-expert capacity")
     dropless: bool = _f(False, "never drop tokens (capacity = whatever arrives)")
     drop_policy: str = _f("position", "which tokens overflow first: position (later tokens) | probs (lowest gate)")
+    overflow: str = _f("drop", "an assignment over capacity: drop | reroute (to the token's next-best expert with room)")
+    reroute_tries: int = _f(2, "overflow=reroute: rounds of moving to the next-best expert with room, then drop")
+    routing: str = _f("token_choice", "token_choice (each token picks k experts) | expert_choice (each expert picks "
+                                      "its top-C tokens of the rank's batch; not causal, see docs/routing.md)")
+    score: str = _f("softmax", "router scores: softmax | sigmoid (DeepSeek-V3: top-k weights normalised to sum 1)")
+    balance: str = _f("aux", "load balancing: aux (loss) | aux_free (selection bias) | both | none")
+    aux_loss_scope: str = _f("micro_batch", "aux loss load fractions over: micro_batch | sequence | global_batch "
+                                            "(all-reduced over the data-parallel ranks)")
+    aux_loss_accumulate: bool = _f(False, "aux_loss_scope=global_batch: also accumulate the load fractions over "
+                                          "the step's micro batches")
+    bias_update_rate: float = _f(1e-3, "balance=aux_free|both: gamma of bias += gamma * sign(mean load - load)")
     noise: str = _f("none", "router noise: none | learned (Shazeer 2017) | jitter | rsample (DeepSpeed)")
     noise_eps: float = _f(1e-2, "jitter: multiplicative noise range on the router input")
     normalize_weights: bool = _f(True, "renormalise the k kept gate weights to sum to 1 (k >= 2)")
-    aux_loss_coef: float = _f(0.01, "Switch load-balancing loss coefficient")
+    aux_loss_coef: float = _f(0.01, "Switch load-balancing loss coefficient (balance=aux|both)")
     z_loss_coef: float = _f(0.001, "router z-loss coefficient")
     shared_expert: bool = _f(False, "add a dense shared expert beside the routed ones")
     ep_size: int = _f(1, "expert-parallel size: experts are split over this many ranks")
@@ -167,6 +178,11 @@ CHOICES = {
     "model.rope_scaling": ("none", "linear", "ntk", "yarn"),
     "moe.drop_policy": ("position", "probs"),
     "moe.noise": ("none", "learned", "jitter", "rsample"),
+    "moe.overflow": ("drop", "reroute"),
+    "moe.routing": ("token_choice", "expert_choice"),
+    "moe.score": ("softmax", "sigmoid"),
+    "moe.balance": ("aux", "aux_free", "both", "none"),
+    "moe.aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
     "moe.impl": ("dist_moe", "deepspeed"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.grad_accum_dtype": ("auto", "fp32", "bf16"),
@@ -320,6 +336,14 @@ def validate(cfg: Config) -> None:
     need(moe.capacity_factor > 0 and moe.eval_capacity_factor > 0, "moe.capacity_factor", "> 0")
     need(moe.min_capacity >= 0, "moe.min_capacity", ">= 0")
     need(moe.d_expert >= 0, "moe.d_expert", "0 (= model.d_ff) or a positive width")
+    need(moe.reroute_tries >= 1, "moe.reroute_tries", ">= 1")
+    need(moe.bias_update_rate >= 0, "moe.bias_update_rate", ">= 0")
+    need(moe.noise != "rsample" or (moe.score == "softmax" and moe.balance in ("aux", "none")), "moe.noise",
+         "not rsample with moe.score=sigmoid or a selection bias (Gumbel-max samples the softmax of the logits)")
+    need(moe.routing == "token_choice" or moe.balance == "none", "moe.balance",
+         "'none' with moe.routing=expert_choice (every expert takes exactly its capacity)")
+    need(moe.routing == "token_choice" or not moe.dropless, "moe.dropless",
+         "false with moe.routing=expert_choice (each expert takes exactly its capacity)")
     need(t.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
     need(t.lr > 0, "train.lr", "a positive learning rate")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a ratio in [0, 1]")
@@ -333,6 +357,9 @@ def validate(cfg: Config) -> None:
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
+        for key, baseline in (("moe.overflow", "drop"), ("moe.routing", "token_choice"), ("moe.score", "softmax"),
+                              ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
+            need(_get(cfg, key) == baseline, key, f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
@@ -346,7 +373,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 # Keys a checkpoint was built with: changing them on resume would not load or would silently change the run.
 UNRESUMABLE = ("model.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl",
-               "moe.noise", "data.corpus", "data.vocab_size", "data.seq_len", "data.val_fraction",
+               "moe.noise", "moe.balance", "data.corpus", "data.vocab_size", "data.seq_len", "data.val_fraction",
                "data.max_corpus_mb", "data.tokenizer_sample_mb", "train.seed")
 
 

@@ -18,6 +18,7 @@ from dist_moe.analysis.plots import dropped_lines, layer_load_lines, load_heatma
 
 LOAD_RE = re.compile(r"^expert_load/layer_(\d+)/expert_(\d+)$")
 DROPPED_RE = re.compile(r"^routing/layer_(\d+)/dropped_fraction$")
+REROUTED_RE = re.compile(r"^routing/layer_(\d+)/rerouted_fraction$")
 DEAD_FRACTION_OF_FAIR_SHARE = 0.1
 
 
@@ -34,6 +35,7 @@ class LoadHistory:
     layers: list[int]  # MoE block indices, increasing
     load: np.ndarray  # (N, L, E) fraction of each layer's kept assignments per expert
     dropped: np.ndarray  # (N, L) fraction of routed assignments dropped
+    rerouted: np.ndarray  # (N, L) fraction of routed assignments moved to another expert (NaN: not logged)
 
     @property
     def num_experts(self) -> int:
@@ -80,17 +82,20 @@ def read_history(run_dir: str | Path) -> LoadHistory:
     source, scalars = found[0]
     loads = {tuple(map(int, m.groups())): scalars[tag] for tag in scalars if (m := LOAD_RE.match(tag))}
     drops = {int(m.group(1)): scalars[tag] for tag in scalars if (m := DROPPED_RE.match(tag))}
+    reroutes = {int(m.group(1)): scalars[tag] for tag in scalars if (m := REROUTED_RE.match(tag))}
     layers = sorted({layer for layer, _ in loads})
     num_experts = 1 + max(expert for _, expert in loads)
     steps = np.array(sorted({step for series in loads.values() for step in series}))
     load = np.full((len(steps), len(layers), num_experts), np.nan)
     dropped = np.full((len(steps), len(layers)), np.nan)
+    rerouted = np.full((len(steps), len(layers)), np.nan)
     for n, step in enumerate(steps.tolist()):
         for j, layer in enumerate(layers):
             for e in range(num_experts):
                 load[n, j, e] = loads.get((layer, e), {}).get(step, np.nan)
             dropped[n, j] = drops.get(layer, {}).get(step, np.nan)
-    return LoadHistory(source, steps, layers, load, dropped)
+            rerouted[n, j] = reroutes.get(layer, {}).get(step, np.nan)
+    return LoadHistory(source, steps, layers, load, dropped, rerouted)
 
 
 def dead_experts(recent_load: np.ndarray) -> list[int]:
@@ -150,6 +155,9 @@ def analyze(run_dir: str | Path, last_n: int = 5, out_dir: str | Path | None = N
                              f"slope {slope * 100:+.3f} points per 1000 steps")
             else:
                 lines.append(f"  dropped: {last:.2%} (one log, no trend yet)")
+        rerouted = history.rerouted[recent, j]
+        if not np.isnan(rerouted).all():
+            lines.append(f"  rerouted to a next-best expert: {np.nanmean(rerouted):.2%} ({window})")
     lines.append("plots: " + ", ".join(str(p) for p in write_plots(history, out)))
     return "\n".join(lines)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_moe.config import Config, expert_width, is_moe_layer
+from dist_moe.config import Config, ConfigError, expert_width, is_moe_layer
 from dist_moe.model.attention import GroupedQueryAttention, KVCache
 from dist_moe.model.moe.experts import SwiGLU
 from dist_moe.model.moe.layer import build_moe_layer
@@ -123,7 +123,12 @@ def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temp
              top_k: int = 0, generator: torch.Generator | None = None,
              first_allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Sample max_new_tokens after tokens (B, T) with a KV cache; temperature 0 = greedy. The first token is
-    drawn from `first_allowed` (token ids) when given: token healing (Tokenizer.heal_prompt)."""
+    drawn from `first_allowed` (token ids) when given: token healing (Tokenizer.heal_prompt). Refuses a model
+    with expert-choice routing: an expert picks among all tokens at once, so a token's route depends on later
+    ones."""
+    if model.cfg.moe.routing == "expert_choice" and model.cfg.moe.moe_every > 0:
+        raise ConfigError("config key 'moe.routing' = 'expert_choice' is not causal (each expert picks among "
+                          "the whole batch, later tokens included): token-by-token generation is refused")
     model.eval()
     caches = [KVCache() for _ in model.blocks]
     logits = model(tokens, caches).logits[:, -1]  # (B, V)

@@ -4,7 +4,8 @@ The loop calls `accumulate()` after each training forward: it adds the layers' `
 and z losses their forward returned) into one device tensor, with no host sync. Every log.expert_every
 steps `log(writer, step)` all-reduces those sums once over `group` (each rank counts all global experts
 over its own tokens, so a plain sum is the global count, with or without expert parallelism), rank 0
-writes scalars, histograms and heatmap images, and the sums start again from zero.
+writes scalars, histograms and heatmap images, and the sums start again from zero. Routers with a
+selection bias (moe.balance=aux_free|both) also get their bias drawn per expert (identical on every rank).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dist_moe.analysis.plots import load_heatmap, to_rgb
 
 LOAD_TAG = "expert_load/layer_{layer}/expert_{expert}"  # fraction of the layer's kept assignments
 STAT_TAG = "routing/layer_{layer}/{stat}"
+BIAS_TAG = "expert_bias/layer_{layer}/expert_{expert}"
 HISTOGRAM_TAG = "expert_load_histogram/layer_{layer}"
 HEATMAP_TAG, HEATMAP_CHANGE_TAG = "expert_load/heatmap", "expert_load/heatmap_change"
-STATS = ("dropped_fraction", "capacity_utilisation", "imbalance_max_over_mean", "imbalance_cv",
+STATS = ("dropped_fraction", "rerouted_fraction", "capacity_utilisation", "imbalance_max_over_mean", "imbalance_cv",
          "router_entropy", "top1_prob", "aux_loss", "z_loss")
 
 # Columns of the summed table, one row per MoE layer: E kept counts, then these.
-DEVICE_SUMS = ("dropped", "router_entropy_sum", "top1_prob_sum", "aux_loss_sum", "z_loss_sum")
+DEVICE_SUMS = ("dropped", "rerouted", "router_entropy_sum", "top1_prob_sum", "aux_loss_sum", "z_loss_sum")
 HOST_SUMS = ("routed", "capacity_slots", "num_tokens", "forwards")
 
 
@@ -45,6 +47,7 @@ def routing_scalars(kept: np.ndarray, sums: dict[str, float]) -> dict[str, float
     mean = kept.mean()
     return {
         "dropped_fraction": sums["dropped"] / sums["routed"],
+        "rerouted_fraction": sums["rerouted"] / sums["routed"],
         "capacity_utilisation": kept.sum() / sums["capacity_slots"],
         "imbalance_max_over_mean": kept.max() / mean if mean > 0 else float("nan"),
         "imbalance_cv": kept.std() / mean if mean > 0 else float("nan"),
@@ -61,6 +64,7 @@ def custom_scalars_layout(layers: list[int]) -> dict:
     return {
         "expert load": {f"layer {i}": ["Multiline", [rf"^expert_load/layer_{i}/expert_\d+$"]] for i in layers},
         "routing": {stat: ["Multiline", [rf"^routing/layer_\d+/{stat}$"]] for stat in STATS},
+        "expert bias": {f"layer {i}": ["Multiline", [rf"^expert_bias/layer_{i}/expert_\d+$"]] for i in layers},
     }
 
 
@@ -104,11 +108,12 @@ class ExpertLoadTracker:
         self._host += [(s.routed, s.capacity * self.num_experts, s.num_tokens, 1) for s in stats]  # HOST_SUMS
         # a handful of kernels whatever the layer count: this runs after every micro batch
         counts = torch.cat([torch.stack([s.tokens_per_expert for s in stats]),
-                            torch.stack([s.dropped for s in stats])[:, None]], dim=1)  # (L, E + 1) int64
-        assert counts.shape[1] == self.num_experts + 1, f"layers report {counts.shape[1] - 1} experts, not E"
+                            torch.stack([s.dropped for s in stats])[:, None],
+                            torch.stack([s.rerouted for s in stats])[:, None]], dim=1)  # (L, E + 2) int64
+        assert counts.shape[1] == self.num_experts + 2, f"layers report {counts.shape[1] - 2} experts, not E"
         sums = torch.stack([value for s, losses in zip(stats, self._losses)
                             for value in (s.router_entropy_sum, s.top1_prob_sum, *losses)])  # (L * 4,)
-        rows = torch.cat([counts.double(), sums.view(len(stats), 4).double()], dim=1)  # (L, E + 5) = DEVICE_SUMS
+        rows = torch.cat([counts.double(), sums.view(len(stats), 4).double()], dim=1)  # (L, E + 6) = DEVICE_SUMS
         self._sums = rows if self._sums is None else self._sums.add_(rows)
         self._counted = stats
 
@@ -126,7 +131,7 @@ class ExpertLoadTracker:
         table = torch.cat([sums, torch.from_numpy(self._host).to(sums.device)], dim=1)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(table, group=self.group)
-        table = table.cpu().numpy()  # (L, E + 5 + 4)
+        table = table.cpu().numpy()  # (L, E + 6 + 4)
         self._reset()
         if table[0, -1] == 0:  # no forwards anywhere
             return {}
@@ -142,6 +147,9 @@ class ExpertLoadTracker:
             layer_sums = dict(zip(names, table[j, E:].tolist()))
             for stat, value in routing_scalars(kept[j], layer_sums).items():
                 scalars[STAT_TAG.format(layer=layer, stat=stat)] = float(value)
+            bias = getattr(getattr(self.layers[j], "router", None), "selection_bias", None)
+            for e, value in enumerate([] if bias is None else bias.tolist()):
+                scalars[BIAS_TAG.format(layer=layer, expert=e)] = value
         if writer is not None:
             self._write(writer, step, scalars, load)
         return scalars

@@ -16,6 +16,7 @@ from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import TokenSampler
 from dist_moe.model.loss import cross_entropy
+from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
@@ -123,6 +124,7 @@ def run(cfg: Config) -> dict:
     stopped_early = False
     while step < cfg.train.max_steps:
         train_losses = train_step(cfg, engine, sampler, ctx, expert_load)
+        end_router_step(engine.module, cfg.moe.bias_update_rate)  # aux-free bias: the whole step's load
         step += 1
         window_tokens += tokens_per_step
         if step % cfg.log.every == 0 or step == cfg.train.max_steps:

@@ -65,7 +65,8 @@ def hand_stats(gen: torch.Generator, skew: float = 0.0) -> MoEStats:
     assert dropped >= 0
     return MoEStats(kept, torch.tensor(dropped), routed, capacity=int(torch.randint(10, 30, (), generator=gen)),
                     router_entropy_sum=torch.rand((), generator=gen) * num_tokens,
-                    top1_prob_sum=torch.rand((), generator=gen) * num_tokens, num_tokens=num_tokens)
+                    top1_prob_sum=torch.rand((), generator=gen) * num_tokens, num_tokens=num_tokens,
+                    rerouted=torch.randint(0, int(kept.sum()) + 1, (), generator=gen))
 
 
 def expected_scalars(per_forward: list[MoEStats], aux: list[float], z: list[float]) -> dict[str, float]:
@@ -77,6 +78,7 @@ def expected_scalars(per_forward: list[MoEStats], aux: list[float], z: list[floa
     values = {f"expert_{e}": kept[e] / sum(kept) for e in range(E)}
     values.update(
         dropped_fraction=sum(int(s.dropped) for s in per_forward) / routed,
+        rerouted_fraction=sum(int(s.rerouted) for s in per_forward) / routed,
         capacity_utilisation=sum(kept) / sum(s.capacity * E for s in per_forward),
         imbalance_max_over_mean=max(kept) / mean,
         imbalance_cv=statistics.pstdev(kept) / mean,

@@ -6,8 +6,14 @@ expert is its slot, and slots >= capacity are dropped. Priority inside an expert
             top2gating cumsum order: all first choices, then all second choices), so later tokens and
             lower-ranked choices overflow first;
   probs:    higher router probability first (DeepSpeed's topkgating default), so the lowest gates overflow.
+(For k >= 3 no DeepSpeed function uses the position order: topkgating's own "position" counts token-major,
+all of a token's choices before the next token's; and top1gating keeps the `capacity` tokens torch.topk
+picks among equal mask values, which need not be the earliest. docs/routing.md has the details.)
 Capacity is per expert over the T tokens given to one `route` call, i.e. one rank's local tokens; the
-drop decision therefore does not depend on how experts are spread over ranks.
+drop decision therefore does not depend on how experts are spread over ranks. Two policies build on it:
+  reroute:        before `route`, assignments over capacity move to their token's next-best expert that
+                  still has room (`reroute`), so `route` then drops only what found no room;
+  expert choice:  each expert takes its top-C tokens (`expert_choice_route`, Zhou et al. 2022).
 
 `route` gives every one of the k*T assignments a row, kept ones first (by expert), dropped ones after
 them, so every size is static and nothing waits on the host: this is the single-GPU hot path. On CUDA,
@@ -81,13 +87,7 @@ def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capaci
                        num_tokens if capacity is None else capacity)
     num_rows = num_tokens * top_k
     flat_expert = indices.t().reshape(-1)  # (k*T,) choice-major: assignment a = choice * T + token
-    if drop_policy == "probs":
-        priority = torch.argsort(weights.t().reshape(-1).detach(), descending=True, stable=True)
-        order = priority[torch.argsort(flat_expert[priority], stable=True)]  # by expert, then by priority
-    elif drop_policy == "position":
-        order = torch.argsort(flat_expert, stable=True)
-    else:
-        raise ValueError(f"drop_policy={drop_policy!r}: expected position | probs")
+    order = _priority(flat_expert, weights.t().reshape(-1), drop_policy)  # by expert, then by priority
     sorted_expert = flat_expert[order]
     experts = torch.arange(num_experts + 1, device=indices.device)
     segment_start = torch.searchsorted(sorted_expert, experts)  # (E+1,) no bincount: that syncs on CUDA
@@ -116,6 +116,81 @@ def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capaci
                    kept=kept,
                    dropped=num_rows - tokens_per_expert.sum(),
                    capacity=capacity)
+
+
+def _priority(flat_expert: torch.Tensor, flat_weight: torch.Tensor, drop_policy: str) -> torch.Tensor:
+    """Permutation of the assignments by expert, then by priority within the expert (see the docstring)."""
+    if drop_policy == "probs":
+        priority = torch.argsort(flat_weight.detach(), descending=True, stable=True)
+        return priority[torch.argsort(flat_expert[priority], stable=True)]
+    if drop_policy == "position":
+        return torch.argsort(flat_expert, stable=True)
+    raise ValueError(f"drop_policy={drop_policy!r}: expected position | probs")
+
+
+def _accept(experts: torch.Tensor, weights: torch.Tensor, room: torch.Tensor, drop_policy: str) -> torch.Tensor:
+    """experts (T, k) with -1 = no request, room (E,): which requests fit, taken in priority order. (T, k) bool."""
+    num_tokens, num_experts = experts.shape[0], len(room)
+    flat = torch.where(experts >= 0, experts, num_experts).t().reshape(-1)  # choice-major; E = no request
+    order = _priority(flat, weights.t().reshape(-1), drop_policy)
+    sorted_expert = flat[order]
+    start = torch.searchsorted(sorted_expert, torch.arange(num_experts + 1, device=flat.device))
+    slot = torch.arange(len(flat), device=flat.device) - start[sorted_expert]
+    fits = (sorted_expert < num_experts) & (slot < torch.cat([room, room.new_zeros(1)])[sorted_expert])
+    return torch.empty_like(fits).scatter_(0, order, fits).view(-1, num_tokens).t()
+
+
+def reroute(indices: torch.Tensor, scores: torch.Tensor, selection: torch.Tensor, capacity: int, tries: int,
+            drop_policy: str = "position") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Move assignments over capacity to their token's next-best expert with room -> (indices (T, k),
+    weights (T, k) = scores at the new indices, rerouted (T, k) bool). Feed them to `route`, which then
+    keeps every moved assignment and drops only those that found no room.
+
+    First the capacity decision of `route`. Then `tries` rounds: each still-overflowing assignment asks,
+    in the token's preference order (`selection`, ties to the lower expert id), for the best expert the
+    token does not use yet and that has room left at the start of the round (a token's i-th overflowing
+    choice asks for its i-th such expert); each expert grants its room to the requests in the drop-policy
+    priority. Experts that overflowed keep their first decision, so `route` drops exactly the rest.
+    Deterministic, and local to the rank's tokens like capacity, so independent of the EP size.
+    """
+    num_tokens, num_experts = selection.shape
+    weights = scores.gather(1, indices)
+    full = torch.full((num_experts,), capacity, device=indices.device, dtype=torch.long)
+    kept = _accept(indices, weights, full, drop_policy)
+    room = full - torch.zeros_like(full).index_add_(0, indices[kept], torch.ones_like(indices[kept]))
+    used = torch.zeros_like(selection, dtype=torch.bool).scatter_(1, indices, True)
+    ranking = torch.argsort(selection.detach(), dim=1, descending=True, stable=True)  # (T, E) preference order
+    overflow, rerouted = ~kept, torch.zeros_like(kept)
+    for _ in range(tries):
+        open_ranked = (~used & (room > 0)).gather(1, ranking)  # (T, E) in preference order
+        open_experts = ranking.gather(1, torch.argsort((~open_ranked).to(torch.int8), dim=1, stable=True))
+        nth = torch.cumsum(overflow, 1) - 1  # (T, k) which overflowing choice of its token
+        asks = overflow & (nth < open_ranked.sum(1, keepdim=True))
+        wanted = torch.where(asks, open_experts.gather(1, nth.clamp(min=0)), -1)
+        granted = _accept(wanted, scores.gather(1, wanted.clamp(min=0)), room, drop_policy)
+        indices = torch.where(granted, wanted, indices)
+        moved = wanted[granted]
+        room = room - torch.zeros_like(room).index_add_(0, moved, torch.ones_like(moved))
+        used = used | (torch.zeros_like(used, dtype=torch.long).scatter_add_(1, wanted.clamp(min=0), granted.long()) > 0)
+        overflow, rerouted = overflow & ~granted, rerouted | granted
+    return indices, scores.gather(1, indices), rerouted
+
+
+def expert_choice_route(scores: torch.Tensor, selection: torch.Tensor, capacity: int) -> Routing:
+    """Expert choice (Zhou et al. 2022): every expert takes the C = min(capacity, T) tokens of highest
+    `selection` among these T tokens, weighted by `scores` (no renormalisation), so a token gets 0..E
+    experts. A Routing with k = E columns (one per expert, -1 where not chosen) and R = E*C rows, all kept;
+    `dropped` counts the tokens no expert chose."""
+    num_tokens, num_experts = scores.shape
+    capacity = min(capacity, num_tokens)
+    chosen_tokens = torch.topk(selection.detach().t(), capacity, dim=1).indices  # (E, C) best first
+    rows = torch.arange(num_experts * capacity, device=scores.device).view(num_experts, capacity)
+    row_index = torch.full((num_experts, num_tokens), -1, dtype=torch.long, device=scores.device)
+    row_index = row_index.scatter_(1, chosen_tokens, rows).t().contiguous()  # (T, E)
+    kept = row_index >= 0
+    return Routing(token_index=chosen_tokens.flatten(), row_index=row_index, combine_weights=scores * kept,
+                   tokens_per_expert=torch.full((num_experts,), capacity, dtype=torch.long, device=scores.device),
+                   kept=kept, dropped=(~kept.any(dim=1)).sum(), capacity=capacity)
 
 
 @dataclass

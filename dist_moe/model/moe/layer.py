@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 
 from dist_moe.config import Config, ConfigError, expert_width
 from dist_moe.kernels.moe_permute import combine, permute
-from dist_moe.model.moe.dispatch import expert_capacity, route
+from dist_moe.model.moe.dispatch import expert_capacity, expert_choice_route, reroute, route
 from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts, expert_init
 from dist_moe.model.moe.router import Router, router_stats, router_z_loss
 from dist_moe.parallel.all_to_all import all_to_all, exchange_counts
@@ -36,19 +36,21 @@ class MoEStats:
     """Routing statistics of one forward over this rank's tokens, for the expert-load dashboards."""
 
     tokens_per_expert: torch.Tensor  # (E,) int64 kept assignments per global expert
-    dropped: torch.Tensor  # () int64 assignments over capacity
-    routed: int  # assignments before dropping = tokens * k
+    dropped: torch.Tensor  # () int64 assignments over capacity (expert choice: tokens no expert chose)
+    routed: int  # assignments before dropping = tokens * k (expert choice: tokens)
     capacity: int  # per-expert limit applied (dropless: the token count)
     router_entropy_sum: torch.Tensor  # () fp32 sum over tokens of the routing distribution's entropy (nats)
     top1_prob_sum: torch.Tensor  # () fp32 sum over tokens of the largest router probability
     num_tokens: int
+    rerouted: torch.Tensor  # () int64 kept assignments that moved to another expert (overflow=reroute)
 
     @classmethod
     def of(cls, router_stats: torch.Tensor, tokens_per_expert: torch.Tensor, dropped: torch.Tensor, capacity: int,
-           num_tokens: int, top_k: int) -> "MoEStats":
+           num_tokens: int, routed: int, rerouted: Optional[torch.Tensor] = None) -> "MoEStats":
         """router_stats (2,): (entropy sum, top-1 probability sum), as the router returns them."""
-        return cls(tokens_per_expert.detach(), dropped, num_tokens * top_k, capacity, router_stats[0],
-                   router_stats[1], num_tokens)
+        rerouted = torch.zeros_like(dropped) if rerouted is None else rerouted
+        return cls(tokens_per_expert.detach(), dropped, routed, capacity, router_stats[0], router_stats[1],
+                   num_tokens, rerouted)
 
 
 def _capacity(cfg: Config, num_tokens: int, training: bool) -> Optional[int]:
@@ -79,7 +81,9 @@ class MoELayer(ExpertParallelModule):
             assert ep_group is not None and dist.get_world_size(ep_group) == m.ep_size, "EP group != moe.ep_size"
         self.cfg, self.ep_group = cfg, ep_group if m.ep_size > 1 else None
         ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else 0
-        self.router = Router(d_model, m.num_experts, m.top_k, m.noise, m.noise_eps)
+        self.router = Router(d_model, m.num_experts, m.top_k, m.noise, m.noise_eps, score=m.score, balance=m.balance,
+                             aux_loss_scope=m.aux_loss_scope, aux_loss_accumulate=m.aux_loss_accumulate,
+                             keep_scores=m.overflow == "reroute" or m.routing == "expert_choice")
         self.experts = SwiGLUExperts(m.num_experts, self.num_local_experts, ep_rank * self.num_local_experts,
                                      d_model, expert_width(cfg), m.ep_size)
         with torch.random.fork_rng(devices=[]):  # nn.Linear's own init must not shift the RNG stream
@@ -100,10 +104,19 @@ class MoELayer(ExpertParallelModule):
                 linear.weight.normal_(0.0, std)
 
     def forward(self, x: torch.Tensor):
+        m = self.cfg.moe
         tokens = x.reshape(-1, x.shape[-1])  # (B*T, D)
-        weights, indices, aux_loss, z_loss, router_stats = self.router(tokens)
-        plan = route(indices, weights, self.num_experts, _capacity(self.cfg, len(tokens), self.training),
-                     self.cfg.moe.drop_policy, self.cfg.moe.normalize_weights)
+        gating = self.router(tokens, num_sequences=x.shape[0] if x.dim() == 3 else 1)
+        capacity, rerouted = _capacity(self.cfg, len(tokens), self.training), None
+        if m.routing == "expert_choice":
+            plan = expert_choice_route(gating.scores, gating.selection, capacity)
+        else:
+            indices, weights = gating.indices, gating.weights
+            if m.overflow == "reroute" and capacity is not None:
+                indices, weights, rerouted = reroute(indices, gating.scores, gating.selection, capacity,
+                                                     m.reroute_tries, m.drop_policy)
+                rerouted = rerouted.sum()
+            plan = route(indices, weights, self.num_experts, capacity, m.drop_policy, m.normalize_weights)
         if self.ep_group is None:  # the experts permute, gate-weight and combine their rows themselves
             y = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.row_weights()))
         else:
@@ -112,9 +125,10 @@ class MoELayer(ExpertParallelModule):
             y = combine(rows, plan.row_index, plan.combine_weights)  # gate-weighted sum in fp32, x's dtype
         if self.shared_mlp is not None:
             y = y + self.shared_mlp(tokens)
-        self.last_stats = MoEStats.of(router_stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
-                                      self.cfg.moe.top_k)
-        return y.view_as(x), aux_loss, z_loss
+        routed = len(tokens) * (1 if m.routing == "expert_choice" else m.top_k)
+        self.last_stats = MoEStats.of(gating.stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
+                                      routed, rerouted)
+        return y.view_as(x), gating.aux_loss, gating.z_loss
 
     def _exchange_and_run(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """rows (R, D): N kept rows sorted by global expert, then unused ones -> expert outputs in the same
@@ -212,7 +226,7 @@ class DeepSpeedMoE(MoE):
         kept = torch.bincount(indices.long().flatten() + 1, minlength=num_experts + 1)[1:]  # -1 -> bin 0
         num_tokens, stats = len(logits), router_stats(torch.softmax(logits, -1))
         self.last_stats = MoEStats.of(stats, kept, num_tokens * self.top_k - kept.sum(), int(capacity), num_tokens,
-                                      self.top_k)
+                                      num_tokens * self.top_k)
         return y, aux_loss, router_z_loss(logits)
 
 

@@ -1,18 +1,24 @@
-"""Token-choice router: a linear gate, fp32 softmax, noisy top-k selection and the two router losses.
+"""Router: a linear gate, fp32 scores, (noisy, biased) top-k selection and the router losses.
 
-Gating follows DeepSpeed's `sharded_moe` (GShard/Switch) so both implementations route identically:
-probabilities are the fp32 softmax of the router logits, and each token picks the k most probable experts.
-The combine weights returned here are the raw probabilities of the chosen experts; renormalising them
-happens in dispatch, after capacity dropping, exactly where DeepSpeed's top2gating does it.
-On CUDA the gating after the router GEMM runs fused (`kernels/moe_router.py`, a few Triton launches);
-`top_k_gating` below is its PyTorch reference and the CPU path (where gating stays equal to DeepSpeed's).
+Gating follows DeepSpeed's `sharded_moe` (GShard/Switch) where `moe.impl=deepspeed` is the baseline: scores
+are the fp32 softmax of the router logits, each token picks the k highest, and the combine weights are
+the chosen experts' raw probabilities (renormalised in dispatch, after capacity dropping, where DeepSpeed's
+top2gating does it). Beside that baseline (docs/routing.md compares them):
+  score=sigmoid:    DeepSeek-V3's sigmoid scores, the k chosen ones normalised to sum to 1;
+  balance=aux_free: a per-expert bias added to the scores for selection only (never to the weights), moved
+                    after each optimizer step by `end_router_step` (DeepSeek-V3, Wang et al. 2024);
+  aux_loss_scope:   the Switch loss's load fractions over the micro batch (DeepSpeed), each sequence, or
+                    the global batch (all-reduced over the ranks; Qiu et al. 2025).
+On CUDA the baseline gating after the router GEMM runs fused (`kernels/moe_router.py`); `top_k_gating` below
+is its PyTorch reference. Every other policy runs the PyTorch path on every device.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -21,18 +27,49 @@ from dist_moe.kernels.moe_router import fused_router, router_logits
 NOISE_POLICIES = ("none", "learned", "jitter", "rsample")
 
 
+class Gating(NamedTuple):
+    """What the router hands to dispatch. T tokens, E experts, k choices.
+
+    weights (T, k) fp32: combine weight of each choice; indices (T, k) int64: chosen experts, best first.
+    aux_loss, z_loss: () fp32 (unweighted); stats (2,) fp32 no grad: see router_stats.
+    scores (T, E) fp32: the combine weight every expert would get (reroute and expert choice read it);
+    selection (T, E) fp32: what experts are ranked by (scores + bias + selection noise). Both None on the
+    fused CUDA path, which serves only the baseline policy (no rerouting, no expert choice).
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    stats: torch.Tensor
+    scores: Optional[torch.Tensor] = None
+    selection: Optional[torch.Tensor] = None
+
+
+def assignment_counts(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) fp32 assignments counted by the Switch loss: for k <= 2 each token's first choice
+    (DeepSpeed's top1gating/top2gating), for k >= 3 all T*k (topkgating). No bincount: it syncs on CUDA."""
+    chosen = indices[..., :1] if indices.shape[-1] <= 2 else indices
+    experts = torch.arange(num_experts, device=indices.device)
+    return (chosen[..., None] == experts).flatten(0, -2).sum(0).float()
+
+
 def load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Switch-style aux loss `E * sum_e f_e * P_e`, as DeepSpeed's gating functions compute it.
 
-    P_e: mean router probability of expert e over the T tokens. f_e: for k <= 2, the fraction of tokens
-    whose first choice is e (top1gating/top2gating); for k >= 3, the fraction of the T*k assignments that go
-    to e (topkgating's `E/k * sum(P * count/T)`). Counted before capacity dropping. Equals 1 when balanced.
+    P_e: mean router probability of expert e over the T tokens. f_e: the fraction of the counted
+    assignments (see assignment_counts) that go to e. Counted before capacity dropping. 1 when balanced.
     """
-    num_experts = probs.shape[1]
-    chosen = indices[:, :1] if indices.shape[1] <= 2 else indices
-    experts = torch.arange(num_experts, device=indices.device)
-    f = (chosen[..., None] == experts).flatten(0, -2).sum(0).float() / chosen.numel()  # bincount syncs on CUDA
-    return num_experts * torch.sum(f * probs.mean(dim=0))
+    counts = assignment_counts(indices, probs.shape[1])
+    return probs.shape[1] * torch.sum(counts / counts.sum() * probs.mean(dim=0))
+
+
+def sequence_load_balancing_loss(probs: torch.Tensor, indices: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """The Switch loss of each sequence on its own (f and P over its tokens), averaged over sequences:
+    penalises an expert that one sequence floods even when the batch as a whole is balanced."""
+    probs = probs.view(num_sequences, -1, probs.shape[1])  # (B, S, E)
+    indices = indices.view(num_sequences, -1, indices.shape[1])  # (B, S, k)
+    return torch.stack([load_balancing_loss(p, i) for p, i in zip(probs, indices)]).mean()
 
 
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -56,30 +93,65 @@ def top_k_gating(logits: torch.Tensor, top_k: int, scores: Optional[torch.Tensor
     return weights, indices, load_balancing_loss(probs, indices), router_z_loss(logits), router_stats(probs)
 
 
-class Router(nn.Module):
-    """Linear gate (no bias) with noisy top-k gating; routes each of T tokens to k of E experts.
+def gumbel_selection(scores: torch.Tensor, gumbel: torch.Tensor, top_k: int) -> torch.Tensor:
+    """DeepSpeed's RSample, (T, E) selection scores: k=1 (top1gating) samples the only choice (scores +
+    Gumbel noise); k >= 2 keeps the first choice clean and samples the others among the rest, as
+    top2gating's second-expert sampling does (Gumbel-top-k for k >= 3, which DeepSpeed does not have).
+    The noise scale is that of logits: `scores` are the logits here."""
+    if top_k == 1:
+        return scores + gumbel
+    first = scores.argmax(dim=-1, keepdim=True)
+    noisy = scores + gumbel
+    return noisy.scatter(1, first, float("inf"))  # the clean argmax ranks first, the rest by noisy score
 
-    forward(x: (T, D)) -> (weights (T, k) fp32, indices (T, k) int64, aux_loss, z_loss, stats (2,) fp32) as
-    top_k_gating returns them. Logits are fp32 (bf16 x and weight on CUDA: tensor cores, fp32 output).
-    Noise applies in training only and draws from `self.generator`, which the owner seeds and checkpoints:
-    learned = Shazeer et al. 2017 (logits + N(0,1) * softplus(x W_noise)); jitter = DeepSpeed's
-    multiplicative_jitter on the router input; rsample = Gumbel noise on the logits for selection only
-    (DeepSpeed's RSample, generalised to any k by the Gumbel-top-k trick), weights from the clean softmax.
+
+class Router(nn.Module):
+    """Linear gate (no bias) routing each of T tokens to k of E experts; forward(x (T, D)) -> Gating.
+
+    Logits are fp32 (bf16 x and weight on CUDA: tensor cores, fp32 output). Noise applies in training only
+    and draws from `self.generator`, which the owner seeds and checkpoints: learned = Shazeer et al. 2017
+    (logits + N(0,1) * softplus(x W_noise)); jitter = DeepSpeed's multiplicative_jitter on the router
+    input; rsample = Gumbel noise for selection only (see gumbel_selection), weights from the clean scores.
+    `selection_bias` (balance=aux_free|both) is a buffer: checkpointed with the model, kept in fp32 whatever
+    the model's dtype, changed only by `end_step`. (Its name avoids "expert": DeepSpeed's checkpointing moves
+    every MoE-module key containing that word into the per-expert files.)
     """
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, noise: str = "none", noise_eps: float = 1e-2,
-                 seed: int = 0):
+                 seed: int = 0, score: str = "softmax", balance: str = "aux", aux_loss_scope: str = "micro_batch",
+                 aux_loss_accumulate: bool = False, keep_scores: bool = False):
         super().__init__()
         assert noise in NOISE_POLICIES, noise
-        self.top_k, self.noise, self.noise_eps = top_k, noise, noise_eps
+        self.num_experts, self.top_k, self.noise, self.noise_eps = num_experts, top_k, noise, noise_eps
+        self.score, self.balance = score, balance
+        self.aux_loss_scope, self.aux_loss_accumulate = aux_loss_scope, aux_loss_accumulate
+        self.keep_scores = keep_scores  # rerouting and expert choice read Gating.scores and .selection
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model)) if noise == "learned" else None
+        if balance in ("aux_free", "both"):
+            self.register_buffer("selection_bias", torch.zeros(num_experts, dtype=torch.float32))
+        else:
+            self.selection_bias = None
+        # (E,) selections of this step's training forwards (bias update) and (E + 1,) the global batch's
+        # counted assignments and their total so far (aux_loss_accumulate); both reset by end_step()
+        self.step_selections = torch.zeros(num_experts)
+        self.step_counts = torch.zeros(num_experts + 1)
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
 
     def _apply(self, fn, *args, **kwargs):
-        """Keep the noise generator on the parameters' device (same seed), so noise is drawn where it is used."""
+        """Keep the noise generator on the parameters' device (same seed), so noise is drawn where it is used;
+        keep the bias and the step counters in fp32 (a bf16 bias could not take 1e-3 steps near 1)."""
+        fp32 = {"selection_bias": self.selection_bias, "step_selections": self.step_selections,
+                "step_counts": self.step_counts}
         super()._apply(fn, *args, **kwargs)
+        for name, tensor in fp32.items():
+            if tensor is not None:
+                moved = tensor.to(self.weight.device)
+                if name == "selection_bias":
+                    self._buffers[name] = moved
+                else:
+                    setattr(self, name, moved)
         if self.generator.device != self.weight.device:
             seed = self.generator.initial_seed()
             self.generator = torch.Generator(self.weight.device)
@@ -90,7 +162,13 @@ class Router(nn.Module):
         u = torch.rand(like.shape, generator=self.generator, device=like.device, dtype=torch.float32)
         return low + (high - low) * u
 
-    def forward(self, x: torch.Tensor):
+    def _is_baseline(self) -> bool:
+        """The policy the fused CUDA kernels implement: softmax, no bias, micro-batch aux loss, top-k only."""
+        return (self.score == "softmax" and self.selection_bias is None and self.aux_loss_scope == "micro_batch"
+                and self.balance == "aux" and not self.keep_scores)
+
+    def forward(self, x: torch.Tensor, num_sequences: int = 1) -> Gating:
+        """x (T, D): num_sequences sequences of equal length, back to back (for aux_loss_scope=sequence)."""
         noisy = self.training and self.noise != "none"
         if noisy and self.noise == "jitter":
             x = x.float() * self._uniform(x, 1.0 - self.noise_eps, 1.0 + self.noise_eps)
@@ -99,9 +177,68 @@ class Router(nn.Module):
             std = F.softplus(router_logits(x, self.noise_weight))
             normal = torch.randn(logits.shape, generator=self.generator, device=logits.device)
             logits = logits + normal * std
-        if noisy and self.noise == "rsample":
+        rsample = noisy and self.noise == "rsample"
+        if logits.is_cuda and logits.shape[1] <= 256 and self._is_baseline() and not rsample:
+            return Gating(*fused_router(logits, self.top_k))  # the kernels hold a token's E logits in registers
+        probs = torch.softmax(logits, dim=-1)
+        scores = probs if self.score == "softmax" else torch.sigmoid(logits)
+        selection = scores.detach()
+        if self.selection_bias is not None:
+            selection = selection + self.selection_bias
+        if rsample:  # Gumbel-max samples the softmax from logits (config: only with softmax and no bias)
             gumbel = -torch.log(-torch.log(self._uniform(logits, 1e-20, 1.0)))
-            return top_k_gating(logits, self.top_k, scores=logits + gumbel)
-        if logits.is_cuda and logits.shape[1] <= 256:  # the fused kernels hold a token's E logits in registers
-            return fused_router(logits, self.top_k)
-        return top_k_gating(logits, self.top_k)
+            selection = gumbel_selection(logits.detach(), gumbel, self.top_k)
+        indices = torch.topk(selection, self.top_k, dim=-1).indices  # (T, k)
+        raw = scores
+        if self.score == "sigmoid":  # DeepSeek-V3: the chosen scores normalised over the k choices
+            scores = scores / scores.gather(1, indices).sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        weights = scores.gather(1, indices)
+        if self.training:
+            self.step_selections += (indices[..., None] == torch.arange(self.num_experts, device=indices.device)
+                                     ).flatten(0, 1).sum(0).detach().to(self.step_selections.dtype)
+        # sigmoid: the aux loss and the statistics see each token's scores normalised over all E (Megatron-Core)
+        aux_probs = probs if self.score == "softmax" else raw / raw.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        return Gating(weights, indices, self._aux_loss(aux_probs, indices, num_sequences), router_z_loss(logits),
+                      router_stats(aux_probs), scores, selection)
+
+    def _aux_loss(self, probs: torch.Tensor, indices: torch.Tensor, num_sequences: int) -> torch.Tensor:
+        if self.balance not in ("aux", "both"):
+            return probs.new_zeros(())
+        if self.aux_loss_scope == "sequence":
+            return sequence_load_balancing_loss(probs, indices, num_sequences)
+        if self.aux_loss_scope == "micro_batch" or not self.training:
+            return load_balancing_loss(probs, indices)
+        # global batch: f counted over every rank's tokens (one small all-reduce over the world group, in
+        # which every rank holds distinct tokens); P stays local, so averaging the ranks' gradients (data
+        # parallelism) gives the gradient of the loss of the whole batch in one process
+        counts = assignment_counts(indices, self.num_experts)
+        counts = torch.cat([counts, counts.sum()[None]])  # (E + 1,): per expert, then the total
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        if self.aux_loss_accumulate:
+            self.step_counts += counts
+            counts = self.step_counts.clone()
+        return self.num_experts * torch.sum(counts[:-1] / counts[-1] * probs.mean(dim=0))
+
+    @torch.no_grad()
+    def end_step(self, selections: Optional[torch.Tensor], update_rate: float) -> None:
+        """After an optimizer step: with the step's global selection counts (E,) (this router's
+        `step_selections` summed over all ranks), bias += rate * sign(mean - load); then reset the counters."""
+        if self.selection_bias is not None and selections is not None:
+            self.selection_bias += update_rate * torch.sign(selections.mean() - selections).to(self.selection_bias.dtype)
+        self.step_selections.zero_()
+        self.step_counts.zero_()
+
+
+@torch.no_grad()
+def end_router_step(model: nn.Module, update_rate: float) -> None:
+    """Call after every optimizer step, on every rank: moves the selection biases of `model`'s routers by the
+    step's load summed over all micro batches and all ranks (one all-reduce of (layers, E) counts, only
+    when some router has a bias), and resets their per-step counters."""
+    routers = [module for module in model.modules() if isinstance(module, Router)]
+    biased = [router for router in routers if router.selection_bias is not None]
+    loads = torch.stack([router.step_selections for router in biased]) if biased else None  # (L, E)
+    if loads is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads)
+    for router in routers:
+        router.end_step(loads[biased.index(router)] if router in biased else None, update_rate)
