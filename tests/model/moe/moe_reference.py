@@ -66,3 +66,69 @@ def naive_moe(x, router_weight, w1, w3, w2, k, capacity, policy="position", norm
     aux = num_experts * sum(f[e] * probs[:, e].mean() for e in range(num_experts))
     z = sum(torch.logsumexp(logits[t], 0) ** 2 for t in range(x.shape[0])) / x.shape[0]
     return torch.stack(rows), kept, aux, z
+
+
+# ---------------------------------------------------------------------------------------- routing policies
+
+
+def naive_scores(logits: torch.Tensor, score: str):
+    """(probabilities per token for the aux loss and the stats, scores the weights come from)."""
+    if score == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+        return probs, probs
+    sig = torch.sigmoid(logits)
+    return sig / sig.sum(-1, keepdim=True), sig
+
+
+def naive_reroute(selection, choices, kept, capacity: int, tries: int, policy: str, weight_of):
+    """Rounds of: every token's i-th still-overflowing choice asks for the i-th best expert (by selection,
+    ties to the lower id) that the token does not use and that has room at the start of the round; experts
+    grant in priority order (position: choice, then token; probs: higher weight_of(t, e) first)."""
+    num_tokens, num_experts = selection.shape
+    k = len(choices[0])
+    experts = [list(c) for c in choices]
+    kept = [list(row) for row in kept]
+    rerouted = [[False] * k for _ in range(num_tokens)]
+    load = [0] * num_experts
+    for t in range(num_tokens):
+        for r in range(k):
+            load[experts[t][r]] += kept[t][r]
+    prefs = [sorted(range(num_experts), key=lambda e: (-float(selection[t, e]), e)) for t in range(num_tokens)]
+    for _ in range(tries):
+        room = [capacity - load[e] for e in range(num_experts)]
+        asks = []
+        for t in range(num_tokens):
+            free = [e for e in prefs[t] if e not in experts[t] and room[e] > 0]
+            for i, r in enumerate(r for r in range(k) if not kept[t][r]):
+                if i < len(free):
+                    asks.append((t, r, free[i]))
+        asks.sort(key=lambda a: (a[1], a[0]))  # choice-major
+        if policy == "probs":
+            asks.sort(key=lambda a: -float(weight_of(a[0], a[2])))  # stable: ties keep the choice-major order
+        for t, r, e in asks:
+            if room[e] > 0:
+                room[e] -= 1
+                load[e] += 1
+                experts[t][r], kept[t][r], rerouted[t][r] = e, True, True
+    return experts, kept, rerouted
+
+
+def naive_expert_choice(selection, capacity: int):
+    """Per expert: its `capacity` tokens of highest selection (ties to the lower token id)."""
+    num_tokens, num_experts = selection.shape
+    capacity = min(capacity, num_tokens)
+    return [sorted(range(num_tokens), key=lambda t: (-float(selection[t, e]), t))[:capacity]
+            for e in range(num_experts)]
+
+
+def naive_combine(x, assignments, w1, w3, w2):
+    """y[t] = sum over (expert e, gate g) in assignments[t] of g * SwiGLU_e(x[t])."""
+    return torch.stack([sum((g.to(x.dtype) * swiglu(x[t], w1[e], w3[e], w2[e]) for e, g in assignments[t]),
+                            x[t] * 0) for t in range(x.shape[0])])
+
+
+def naive_switch_loss(probs, choices, num_experts: int):
+    """E * sum_e f_e P_e; f over first choices (k <= 2) or all choices (k >= 3), as in naive_moe."""
+    counted = [c[:1] if len(c) <= 2 else c for c in choices]
+    f = [sum(c.count(e) for c in counted) / sum(len(c) for c in counted) for e in range(num_experts)]
+    return num_experts * sum(f[e] * probs[:, e].mean() for e in range(num_experts))
