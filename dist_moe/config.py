@@ -76,7 +76,8 @@ class MoEConfig:
     min_capacity: int = _f(4, "lower bound on the per-expert capacity")
     dropless: bool = _f(False, "never drop tokens (capacity = whatever arrives)")
     drop_policy: str = _f("position", "which tokens overflow first: position (later tokens) | probs (lowest gate)")
-    overflow: str = _f("drop", "an assignment over capacity: drop | reroute (to the token's next-best expert with room)")
+    overflow: str = _f("drop", "an assignment over capacity: drop | reroute (to its token's next-best expert "
+                               "with room)")
     reroute_tries: int = _f(2, "overflow=reroute: rounds of moving to the next-best expert with room, then drop")
     routing: str = _f("token_choice", "token_choice (each token picks k experts) | expert_choice (each expert picks "
                                       "its top-C tokens of the rank's batch; not causal, see docs/routing.md)")
@@ -359,7 +360,8 @@ def validate(cfg: Config) -> None:
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
         for key, baseline in (("moe.overflow", "drop"), ("moe.routing", "token_choice"), ("moe.score", "softmax"),
                               ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
-            need(_get(cfg, key) == baseline, key, f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
+            need(_get(cfg, key) == baseline, key,
+                 f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

@@ -3,10 +3,13 @@
 router_logits(x, w): (T, E) fp32 logits of bf16 x (T, D) and w (E, D) on tensor cores, no fp32 copy of x.
 fused_router(logits, k): softmax, top-k, chosen weights, both router losses and the routing statistics in
     one pass over blocks of tokens plus a one-program reduction; one backward kernel. It must equal
-    `dist_moe.model.moe.router.top_k_gating` (the PyTorch path: CPU, and noise="rsample").
+    `dist_moe.model.moe.router.top_k_gating` (the PyTorch path: CPU, and every policy beside the baseline
+    softmax top-k with the micro-batch aux loss: rsample, sigmoid, selection bias, sequence/global-batch aux
+    loss, rerouting and expert choice run the PyTorch router on GPU too; docs/routing.md).
 fused_route(indices, weights, E, capacity, normalize): the routing plan of `dist_moe.model.moe.dispatch.route`
-    for drop_policy="position", bit-equal in its integers: per-block expert histograms, one exclusive scan
-    over (choice, block, expert), then each assignment's rank within its expert gives its slot and row.
+    for drop_policy="position" (also after `dispatch.reroute`, which only rewrites the indices), bit-equal in its
+    integers: per-block expert histograms, one exclusive scan over (choice, block, expert), then each
+    assignment's rank within its expert gives its slot and row.
 No atomics and no host sync: every output is written once, by one program, whatever the launch order.
 """
 

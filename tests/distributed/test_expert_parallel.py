@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from dist_moe.config import Config
 from dist_moe.model.moe.layer import MoELayer, build_moe_layer
+from dist_moe.model.moe.router import end_router_step
 from dist_moe.parallel.groups import expert_data_parallel_group, expert_parallel_group
 
 D = 16
@@ -66,14 +67,19 @@ def skew_router(layer: MoELayer, direction: torch.Tensor, favoured: range) -> No
             layer.router.weight[e] = direction * (1.0 + 0.1 * e) * (1 if e in favoured else -1)
 
 
-def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False):
-    cfg = config(top_k=top_k, dropless=dropless)
+def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False, **moe):
+    """moe: routing-policy keys (docs/routing.md); a selection bias is set the same on both sides, and the bias
+    update after the step (counts all-reduced over the ranks) must equal the reference's over all chunks."""
+    cfg = config(top_k=top_k, dropless=dropless, **moe)
     torch.manual_seed(0)
     ref = MoELayer(cfg, None)
     cfg_ep = copy.deepcopy(cfg)
     cfg_ep.moe.ep_size = ep_size
     torch.manual_seed(0)
     layer = MoELayer(cfg_ep, expert_parallel_group(ep_size))
+    if layer.router.selection_bias is not None:
+        bias = torch.linspace(-0.2, 0.2, cfg.moe.num_experts)
+        layer.router.selection_bias.copy_(bias), ref.router.selection_bias.copy_(bias)
     e_local = cfg.moe.num_experts // ep_size
     ep_rank = rank % ep_size
     first = ep_rank * e_local
@@ -100,6 +106,7 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
             stats, ref_stats = layer.last_stats, ref.last_stats
             assert torch.equal(stats.tokens_per_expert, ref_stats.tokens_per_expert)  # same drop decisions
             assert int(stats.dropped) == int(ref_stats.dropped) and stats.capacity == ref_stats.capacity
+            assert int(stats.rerouted) == int(ref_stats.rerouted)
         total = total + ((y_ref * targets[j]).sum() + aux_ref + z_ref) / world_size
     total.backward()
     ref_grads = dict(ref.named_parameters())
@@ -108,6 +115,11 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
         if name.startswith("experts."):
             expected = expected[first:first + e_local]
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=f"{name} ep={ep_size}")
+    if layer.router.selection_bias is not None:
+        end_router_step(layer, 0.01)  # all-reduces this rank's selection counts
+        ref.router.end_step(ref.router.step_selections, 0.01)  # the reference counted every rank's chunk
+        assert torch.equal(layer.router.selection_bias, ref.router.selection_bias)
+        assert not torch.equal(layer.router.selection_bias, bias)
     if skewed:
         assert layer.last_stats.tokens_per_expert[:e_local].sum() == 0
         if ep_rank == 0:
@@ -121,11 +133,44 @@ def _ep_equivalence_worker(rank, world_size, port):
             check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless)
     check_ep_equals_single_process(rank, world_size, 2, 2, dropless=False, skewed=True)
     check_ep_equals_single_process(rank, world_size, 4, 1, dropless=True, skewed=True)
+    for ep_size in (2, 4):  # routing policies: decided on each rank's own tokens, whatever the EP size
+        check_ep_equals_single_process(rank, world_size, ep_size, 2, dropless=False, overflow="reroute")
+        check_ep_equals_single_process(rank, world_size, ep_size, 2, dropless=False, balance="aux_free")
+        check_ep_equals_single_process(rank, world_size, ep_size, 2, dropless=False, routing="expert_choice",
+                                       balance="none")
+    check_ep_equals_single_process(rank, world_size, 2, 2, dropless=False, overflow="reroute", balance="both",
+                                   score="sigmoid")
+    check_global_batch_aux_grad_equals_one_big_batch(rank, world_size)
     # expert-DP groups {0, 2}, {1, 3}. Stage 0 clips by the mean of per-rank norms (DeepSpeed's
     # runtime.utils.clip_grad_norm_), not the global norm, so it is compared without clipping.
     check_zero_ep2_updates_equal_single_process(rank, world_size, zero_stage=0)
     for zero_stage in (1, 2):
         check_zero_ep2_updates_equal_single_process(rank, world_size, zero_stage, clip=0.05)
+
+
+def check_global_batch_aux_grad_equals_one_big_batch(rank, world_size):
+    """aux_loss_scope=global_batch, one micro batch per rank: the router gradient averaged over the ranks
+    (data parallelism) equals that of the micro-batch Switch loss on all ranks' tokens in one process."""
+    cfg = config(top_k=2, dropless=True, aux_loss_scope="global_batch")
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, None)
+    torch.manual_seed(0)
+    ref = MoELayer(config(top_k=2, dropless=True), None)
+    xs, _ = global_batch(world_size, None)
+    _, aux, _ = layer(xs[rank])
+    aux.backward()
+    grad = layer.router.weight.grad.clone()
+    dist.all_reduce(grad)
+    _, aux_ref, _ = ref(xs.flatten(0, 1))  # every rank's sequences as one batch
+    aux_ref.backward()
+    mean_aux = aux.detach().clone()
+    dist.all_reduce(mean_aux)  # each rank's P is local, f global: their mean is the big batch's loss
+    torch.testing.assert_close(mean_aux / world_size, aux_ref.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad / world_size, ref.router.weight.grad, rtol=1e-5, atol=1e-7)
+    local = MoELayer(config(top_k=2, dropless=True), None)  # the micro-batch loss: a different gradient
+    local.load_state_dict(ref.state_dict())
+    local(xs[rank])[1].backward()
+    assert not torch.allclose(local.router.weight.grad, layer.router.weight.grad, rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.slow

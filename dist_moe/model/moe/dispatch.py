@@ -171,7 +171,8 @@ def reroute(indices: torch.Tensor, scores: torch.Tensor, selection: torch.Tensor
         indices = torch.where(granted, wanted, indices)
         moved = wanted[granted]
         room = room - torch.zeros_like(room).index_add_(0, moved, torch.ones_like(moved))
-        used = used | (torch.zeros_like(used, dtype=torch.long).scatter_add_(1, wanted.clamp(min=0), granted.long()) > 0)
+        taken = torch.zeros_like(used, dtype=torch.long).scatter_add_(1, wanted.clamp(min=0), granted.long())
+        used = used | (taken > 0)
         overflow, rerouted = overflow & ~granted, rerouted | granted
     return indices, scores.gather(1, indices), rerouted
 

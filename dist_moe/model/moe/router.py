@@ -225,7 +225,8 @@ class Router(nn.Module):
         """After an optimizer step: with the step's global selection counts (E,) (this router's
         `step_selections` summed over all ranks), bias += rate * sign(mean - load); then reset the counters."""
         if self.selection_bias is not None and selections is not None:
-            self.selection_bias += update_rate * torch.sign(selections.mean() - selections).to(self.selection_bias.dtype)
+            step = update_rate * torch.sign(selections.mean() - selections)
+            self.selection_bias += step.to(self.selection_bias.dtype)
         self.step_selections.zero_()
         self.step_counts.zero_()
 
