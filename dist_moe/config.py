@@ -343,6 +343,10 @@ def validate(cfg: Config) -> None:
          "not rsample with moe.score=sigmoid or a selection bias (Gumbel-max samples the softmax of the logits)")
     need(moe.routing == "token_choice" or moe.balance == "none", "moe.balance",
          "'none' with moe.routing=expert_choice (every expert takes exactly its capacity)")
+    need(not moe.aux_loss_accumulate or moe.aux_loss_scope == "global_batch", "moe.aux_loss_accumulate",
+         "false unless moe.aux_loss_scope=global_batch (only the global-batch loss accumulates)")
+    need(moe.balance in ("aux", "both") or moe.aux_loss_scope == "micro_batch", "moe.aux_loss_scope",
+         f"micro_batch with moe.balance={moe.balance} (no aux loss)")
     need(moe.routing == "token_choice" or not moe.dropless, "moe.dropless",
          "false with moe.routing=expert_choice (each expert takes exactly its capacity)")
     need(t.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")

@@ -58,14 +58,17 @@ def routing_scalars(kept: np.ndarray, sums: dict[str, float]) -> dict[str, float
     }
 
 
-def custom_scalars_layout(layers: list[int]) -> dict:
+def custom_scalars_layout(layers: list[int], biased: bool = False) -> dict:
     """TensorBoard custom-scalars layout: one multiline chart per layer (a line per expert), then one per
-    routing statistic (a line per layer)."""
-    return {
+    routing statistic (a line per layer), and with selection biases one chart per layer of those."""
+    layout = {
         "expert load": {f"layer {i}": ["Multiline", [rf"^expert_load/layer_{i}/expert_\d+$"]] for i in layers},
         "routing": {stat: ["Multiline", [rf"^routing/layer_\d+/{stat}$"]] for stat in STATS},
-        "expert bias": {f"layer {i}": ["Multiline", [rf"^expert_bias/layer_{i}/expert_\d+$"]] for i in layers},
     }
+    if biased:
+        layout["expert bias"] = {f"layer {i} bias": ["Multiline", [rf"^expert_bias/layer_{i}/expert_\d+$"]]
+                                 for i in layers}
+    return layout
 
 
 class ExpertLoadTracker:
@@ -156,7 +159,8 @@ class ExpertLoadTracker:
 
     def _write(self, writer, step: int, scalars: dict[str, float], load: np.ndarray) -> None:
         if not self._layout_written:
-            writer.add_custom_scalars(custom_scalars_layout(self.layer_ids))
+            biased = any(tag.startswith("expert_bias/") for tag in scalars)
+            writer.add_custom_scalars(custom_scalars_layout(self.layer_ids, biased))
             self._layout_written = True
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, step)

@@ -273,6 +273,31 @@ def test_histograms_and_custom_scalars_layout_cover_every_layer(tmp_path):
     assert {c.title for c in layout.category} == {"expert load", "routing"}
 
 
+def test_selection_bias_is_drawn_per_expert_in_its_own_section(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_layers=4, moe_every=2, balance="aux_free"))
+    for i, bias in ((1, torch.linspace(-0.1, 0.1, E)), (3, torch.arange(E) * 1e-3)):
+        model.blocks[i].ffn.router.selection_bias.copy_(bias)
+    tracker = ExpertLoadTracker(model, E)
+    writer = SummaryWriter(str(tmp_path))
+    model(torch.randint(0, 64, (2, 8)))
+    tracker.accumulate()
+    returned = tracker.log(writer, 5)
+    writer.close()
+    acc = read_events(tmp_path)
+    for i in (1, 3):
+        bias = model.blocks[i].ffn.router.selection_bias.tolist()
+        for e in range(E):
+            assert returned[f"expert_bias/layer_{i}/expert_{e}"] == bias[e]
+            assert scalar(acc, f"expert_bias/layer_{i}/expert_{e}", 5) == pytest.approx(bias[e], abs=1e-7)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: chart for c in layout.category for chart in c.chart}
+    (regex,) = charts["layer 3 bias"].multiline.tag
+    assert sorted(t for t in acc.Tags()["scalars"] if re.search(regex, t)) == \
+        sorted(f"expert_bias/layer_3/expert_{e}" for e in range(E))
+
+
 def test_model_without_moe_layers_logs_nothing(tmp_path):
     model = Transformer(tiny_config(moe_every=0))
     tracker = ExpertLoadTracker(model, E)

@@ -229,6 +229,8 @@ def test_config_refuses_combinations_without_a_meaning():
                            (["moe.noise=rsample", "moe.score=sigmoid"], "moe.noise"),
                            (["moe.impl=deepspeed", "moe.overflow=reroute"], "moe.overflow"),
                            (["moe.routing=expert_choice", "moe.balance=none", "moe.dropless=true"], "moe.dropless"),
-                           (["moe.reroute_tries=0"], "moe.reroute_tries"), (["moe.balance=loss"], "moe.balance")]:
+                           (["moe.reroute_tries=0"], "moe.reroute_tries"), (["moe.balance=loss"], "moe.balance"),
+                           (["moe.aux_loss_accumulate=true"], "moe.aux_loss_accumulate"),
+                           (["moe.balance=aux_free", "moe.aux_loss_scope=sequence"], "moe.aux_loss_scope")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, overrides)
