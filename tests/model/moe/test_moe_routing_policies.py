@@ -130,7 +130,7 @@ def test_selection_bias_moves_choices_but_not_weights():
     x = torch.randn(40, 16)
     router.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0, 0.0, -1.0]))
     gating = router.train()(x)
-    probs = torch.softmax(x.double() @ router.weight.double().t(), -1)
+    probs = torch.softmax(x.double() @ router.weight.double().t(), -1).detach()
     choices = naive_route(probs + router.selection_bias.double(), 2)
     assert gating.indices.tolist() == choices
     assert all(3 in c and 5 not in c for c in choices)
@@ -169,12 +169,12 @@ def test_sequence_aux_loss_is_the_mean_of_per_sequence_switch_losses():
     torch.nn.init.normal_(router.weight, std=0.5)
     x = torch.randn(3 * 10, 16)
     aux = router.train()(x, num_sequences=3).aux_loss
-    probs = torch.softmax(x.double() @ router.weight.double().t(), -1)
+    probs = torch.softmax(x.double() @ router.weight.double().t(), -1).detach()
     expected = sum(naive_switch_loss(probs[b * 10:(b + 1) * 10], naive_route(probs[b * 10:(b + 1) * 10], 2), 6)
                    for b in range(3)) / 3
     torch.testing.assert_close(aux.double(), expected, rtol=1e-6, atol=0)
     whole = naive_switch_loss(probs, naive_route(probs, 2), 6)
-    assert abs(float(aux) - float(whole)) > 1e-3  # a different loss from the micro-batch one
+    assert abs(float(aux.detach()) - float(whole)) > 1e-3  # a different loss from the micro-batch one
 
 
 def test_accumulated_global_batch_aux_loss_counts_every_micro_batch_of_the_step():
@@ -184,7 +184,7 @@ def test_accumulated_global_batch_aux_loss_counts_every_micro_batch_of_the_step(
     first, second = torch.randn(12, 16), torch.randn(20, 16)
     router.train()(first)
     aux = router(second).aux_loss
-    probs = [torch.softmax(x.double() @ router.weight.double().t(), -1) for x in (first, second)]
+    probs = [torch.softmax(x.double() @ router.weight.double().t(), -1).detach() for x in (first, second)]
     choices = naive_route(probs[0], 3) + naive_route(probs[1], 3)
     f = torch.tensor([sum(c.count(e) for c in choices) / (32 * 3) for e in range(6)], dtype=torch.float64)
     torch.testing.assert_close(aux.double(), 6 * (f * probs[1].mean(0)).sum(), rtol=1e-6, atol=0)
