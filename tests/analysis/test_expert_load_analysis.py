@@ -143,3 +143,17 @@ def test_every_heatmap_cell_label_contrasts_with_its_cell(change):
         e, i = (round(v) for v in text.get_position())
         cell = image.cmap(image.norm(load[i, e]))
         assert abs(luminance(colour(text.get_color())) - luminance(cell)) > 0.3, (i, e, load[i, e], text.get_color())
+
+
+def test_report_gives_the_rerouted_fraction_only_for_runs_that_logged_it(tmp_path):
+    even = np.full((len(STEPS), E), 1.0 / E)
+    write_run(tmp_path / "tb", {0: even, 1: even}, {0: [0.1] * len(STEPS), 1: [0.1] * len(STEPS)})
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    rerouted = [0.01, 0.02, 0.03, 0.04, 0.05, 0.09]
+    for step, value in zip(STEPS, rerouted):
+        writer.add_scalar("routing/layer_0/rerouted_fraction", value, step)
+    writer.close()
+    report = analyze(tmp_path, last_n=3)
+    layer0, layer1 = report.split("layer 0:")[1].split("layer 1:")
+    assert "rerouted to a next-best expert: 6.00% (last 3 log(s), steps 40-60)" in layer0, report
+    assert "rerouted to" not in layer1, report
