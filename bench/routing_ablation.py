@@ -78,7 +78,7 @@ def run_one(variant: str, seed: int, args, root: Path) -> dict:
                 max_over_mean=float(np.mean(mean_load.max(axis=1) / mean_load.mean(axis=1))),
                 dropped=float(np.nanmean(history.dropped[recent])),
                 rerouted=float(np.nanmean(rerouted)) if not np.isnan(rerouted).all() else 0.0, dead=dead,
-                overrides=VARIANTS[variant])
+                completed=summary["completed"], overrides=VARIANTS[variant])
 
 
 def table(rows: list[dict], args) -> str:
@@ -146,8 +146,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--work-dir", default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
-    if args.report is not None:
-        rows = [json.loads(line) for path in args.report for line in Path(path).read_text().splitlines()]
+    if args.report is not None:  # a run stopped early (SIGTERM saves and returns) does not count
+        found = [json.loads(line) for path in args.report for line in Path(path).read_text().splitlines()]
+        unique = {(r["variant"], r["seed"]): r for r in found if r.get("completed", np.isfinite(r["val_loss"]))}
+        rows = list(unique.values())
         args.steps, args.batch, args.seq_len = rows[0]["steps"], rows[0]["batch"], rows[0]["seq_len"]
         args.seed_list = sorted({r["seed"] for r in rows})
     else:

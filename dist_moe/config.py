@@ -340,7 +340,8 @@ def validate(cfg: Config) -> None:
     need(moe.reroute_tries >= 1, "moe.reroute_tries", ">= 1")
     need(moe.bias_update_rate >= 0, "moe.bias_update_rate", ">= 0")
     need(moe.noise != "rsample" or (moe.score == "softmax" and moe.balance in ("aux", "none")), "moe.noise",
-         "not rsample with moe.score=sigmoid or a selection bias (Gumbel-max samples the softmax of the logits)")
+         "jitter or none with moe.score=sigmoid or a selection bias (rsample's Gumbel-max samples the softmax "
+         "of the logits; the presets set rsample)")
     need(moe.routing == "token_choice" or moe.balance == "none", "moe.balance",
          "'none' with moe.routing=expert_choice (every expert takes exactly its capacity)")
     need(not moe.aux_loss_accumulate or moe.aux_loss_scope == "global_batch", "moe.aux_loss_accumulate",
