@@ -79,7 +79,7 @@ def step(x, w, k, capacity, fused: bool) -> Counter:
             weights, indices, aux, z, stats = moe_router.fused_router(logits, k)
             _, _, combine, tokens_per_expert, _, dropped = moe_router.fused_route(indices, weights, E, capacity)
             outputs = (combine, tokens_per_expert, dropped)
-        MoEStats.of(stats, outputs[1], outputs[2], capacity or T, T, k)
+        MoEStats.of(stats, outputs[1], outputs[2], capacity or T, T, T * k)
         torch.autograd.backward([outputs[0], aux, z], grads)
         if fused:
             gemm.backward(torch.empty_like(gemm))
