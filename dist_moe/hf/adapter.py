@@ -46,6 +46,13 @@ def architecture(cfg: Config) -> str:
     if m.rope_scaling == "ntk":
         raise ConfigError("config key 'model.rope_scaling' = 'ntk': transformers has no static NTK-aware scaling "
                           "(its 'dynamic' rescales with the sequence length); expected none | linear | yarn")
+    for key, value, expected in (("moe.score", moe.score, "softmax"), ("moe.routing", moe.routing, "token_choice")):
+        if value != expected:
+            raise ConfigError(f"config key '{key}' = {value!r}: transformers' Mixtral and Qwen2-MoE route by "
+                              f"{expected} only; expected {expected!r} (docs/routing.md)")
+    if moe.balance in ("aux_free", "both"):
+        raise ConfigError(f"config key 'moe.balance' = {moe.balance!r}: its selection bias changes which experts a "
+                          "token gets, and transformers' Mixtral and Qwen2-MoE have none; expected aux or none")
     mixtral = moe.moe_every == 1 and not moe.shared_expert and moe.top_k >= 2 and moe.normalize_weights
     return "mixtral" if mixtral else "qwen2_moe"
 

@@ -87,3 +87,13 @@ def test_unrepresentable_config_is_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'") as info:
         adapter.architecture(cfg)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, key", [(["moe.score=sigmoid", "moe.noise=none"], "moe.score"),
+                                            (["moe.routing=expert_choice", "moe.balance=none", "moe.dropless=false"], "moe.routing"),
+                                            (["moe.balance=both", "moe.noise=jitter"], "moe.balance")])
+def test_routing_transformers_cannot_run_is_refused_naming_the_key(overrides, key):
+    cfg = load_config("tiny", BASE + overrides)
+    with pytest.raises(ConfigError, match=f"'{key}'") as info:
+        adapter.architecture(cfg)
+    assert "\n" not in str(info.value)
