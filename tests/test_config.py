@@ -112,7 +112,7 @@ def test_cli_train_help_shows_the_default_presets_values_and_names_it():
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines() if line.startswith("    ")}
     for section in ("model", "moe", "train"):
         for key, value in tiny[section].items():
-            assert rows[f"{section}.{key}"] == str(value), key
+            assert rows[f"{section}.{key}"] == (repr(value) if isinstance(value, str) else str(value)), key
     assert rows["model.rope_theta"] == "10000.0"  # a key tiny leaves at the built-in default
     assert "tiny when left out" in " ".join(result.stdout.split())
 
