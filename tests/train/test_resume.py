@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import time
@@ -186,7 +187,8 @@ def scheduled_lr(step, lr, warmup, max_steps, min_ratio):
 def applied_lr(before, after, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1):
     """The LR AdamW applied between two checkpoints, solved from its update in float64 (least squares over every
     decayed dense weight): w' = w (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps), with the moments saved after."""
-    weights = {k: v.double() for k, v in torch.load(before / "mp_rank_00_model_states.pt", weights_only=False)["module"].items()}
+    saved = torch.load(before / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    weights = {name: value.double() for name, value in saved.items()}
     updated = torch.load(after / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     moments = torch.load(after / "portable_optim_rank0.pt", weights_only=False)["dense"]
     direction, delta = [], []
@@ -202,26 +204,36 @@ def applied_lr(before, after, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
     return float((d @ u) / (d @ d))
 
 
+SCHEDULE = {"lr": 1e-2, "warmup": 2, "min_ratio": 0.1}
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory, cache_dir):
+    """A 4-step run on one process with a short warmup, for both resume paths to continue."""
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    assert_ok(dist_moe("train", *SMALL, "train.lr=1e-2", "train.warmup_steps=2", "train.min_lr_ratio=0.1",
+                       "train.weight_decay=0.1", "train.eval_every=1000", "train.max_steps=4", f"run_dir={run_dir}",
+                       cache_dir=cache_dir))
+    assert losses(run_dir, "train/lr")[4] == pytest.approx(1e-3, rel=1e-12)  # the last step applies the final LR
+    return run_dir
+
+
 @pytest.mark.parametrize("resume_on", [["--nproc=1"], ["--nproc=2", "moe.ep_size=2", "train.micro_batch_size=4"]],
                          ids=["same-topology", "re-shard"])
-def test_resume_with_more_steps_applies_and_logs_the_new_schedule_from_its_first_step(tmp_path, cache_dir, resume_on):
-    schedule = {"lr": 1e-2, "warmup": 2, "min_ratio": 0.1}
-    args = [*SMALL, "train.lr=1e-2", "train.warmup_steps=2", "train.min_lr_ratio=0.1", "train.weight_decay=0.1",
-            "train.eval_every=1000"]
+def test_resume_with_more_steps_applies_and_logs_the_new_schedule_from_its_first_step(tmp_path, cache_dir, four_steps,
+                                                                                       resume_on):
     run_dir = tmp_path / "run"
-    assert_ok(dist_moe("train", *args, "train.max_steps=4", f"run_dir={run_dir}", cache_dir=cache_dir))
-    first = losses(run_dir, "train/lr")
-    assert first[4] == pytest.approx(1e-3, rel=1e-12)  # the configured final LR is applied, by the last step
+    shutil.copytree(four_steps, run_dir)
     resumed = dist_moe("resume", str(run_dir), *resume_on, "train.max_steps=7", "ckpt.every=1", "ckpt.keep=5",
                        cache_dir=cache_dir)
     assert_ok(resumed)
     assert ("re-sharded" in resumed.stderr) == (resume_on[0] == "--nproc=2")
     logged = losses(run_dir, "train/lr")
     for step in range(1, 8):
-        expected = scheduled_lr(step, **schedule, max_steps=4 if step <= 4 else 7)
+        expected = scheduled_lr(step, **SCHEDULE, max_steps=4 if step <= 4 else 7)
         assert logged[step] == pytest.approx(expected, rel=1e-12), step
     root = run_dir / "checkpoints"
     for step in (5, 6):  # the LR the optimizer really used, from the weights it moved
         used = applied_lr(root / f"step_{step - 1:08d}", root / f"step_{step:08d}")
         assert used == pytest.approx(logged[step], rel=1e-5), step  # measured: 2e-7
-    assert logged[5] > 3 * scheduled_lr(5, **schedule, max_steps=4)  # the old schedule would be at its floor
+    assert logged[5] > 3 * SCHEDULE["lr"] * SCHEDULE["min_ratio"]  # the old schedule (4 steps) is at its floor
