@@ -152,6 +152,8 @@ class ClusterConfig:
     use_gpu: bool = _f(False, "one GPU per Ray worker")
     address: str = _f("", "Ray cluster address; empty = start a local one on the fly")
     max_failures: int = _f(2, "Ray Train restarts after a worker dies")
+    hang_timeout_s: float = _f(600.0, "a rank this long in one training phase (a step's collective, eval, a save) "
+                                      "is a hang: the stopped ranks are named and the run exits or restarts")
 
 
 @dataclass
@@ -358,6 +360,7 @@ def validate(cfg: Config) -> None:
     need(0 < d.val_fraction < 0.5, "data.val_fraction", "a fraction in (0, 0.5)")
     need(d.vocab_size >= 256, "data.vocab_size", ">= 256")
     need(cfg.ckpt.keep >= 1, "ckpt.keep", ">= 1")
+    need(cfg.cluster.hang_timeout_s > 0, "cluster.hang_timeout_s", "a positive number of seconds")
     need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
     need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
     if moe.impl == "deepspeed":

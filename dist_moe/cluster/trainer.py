@@ -54,13 +54,16 @@ def train_on_ray(cfg: Config) -> int:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dist_moe.train.engine import process_group_timeout
+
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumable = dataclasses.replace(cfg, run_dir=str(run_dir), resume="auto")
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config_yaml": to_yaml(resumable)},
-        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
+                                 timeout_s=int(process_group_timeout(cfg).total_seconds())),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),

@@ -5,6 +5,8 @@ LR schedule, ZeRO partitions) and one `trainer_rank{r}.pt` per rank (step, sampl
 including the router-noise generators, the topology it was saved on). A checkpoint is written under
 `step_N.partial`, renamed to `step_N` once every rank has finished, and only then does the `latest` file
 move (temporary name, fsync, rename). A kill at any moment leaves the previous checkpoint named by `latest`.
+A resume that falls back past unusable checkpoints renames them `step_N.unusable`; rotation keeps the `ckpt.keep`
+newest up to the one just saved, so it never counts an unusable (or another attempt's) checkpoint as kept.
 
 Resuming on another topology (world size or moe.ep_size): DeepSpeed's per-expert files re-shard the
 weights (each rank loads its global experts) and the LR schedule and step continue. DeepSpeed's optimizer
@@ -104,10 +106,18 @@ def save(engine, run_dir: Path, step: int, trainer_state: dict, ctx, keep: int) 
         _fsync_dir(root)
         write_bytes_atomic(root / "latest", (final.name + "\n").encode())
         _fsync_dir(root)
-        for old in complete_checkpoints(run_dir)[:-keep]:
+        for old in rotated_out(run_dir, final, keep):
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
     return final
+
+
+def rotated_out(run_dir: Path, saved: Path, keep: int) -> list[Path]:
+    """What rotation deletes after `saved` was written: all but the `keep` newest up to and including it.
+    Newer ones (an abandoned attempt's, past the step this run resumed from) are neither kept nor deleted:
+    they are not this run's, and its saves replace them as it reaches their steps."""
+    upto = [p for p in complete_checkpoints(run_dir) if p.name <= saved.name]
+    return upto[:-keep]
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -156,21 +166,38 @@ def load(engine, run_dir: Path, ctx, ep_size: int) -> tuple[int, dict]:
     """Load the newest usable checkpoint into the engine; returns (step, trainer_state for this rank).
 
     Every rank checks the files first and all agree before DeepSpeed reads them, so a corrupt checkpoint
-    makes every rank fall back to the previous one together (with a warning naming both).
+    makes every rank fall back to the previous one together (with a warning naming both). Once one loads, the
+    unusable ones are set aside as `step_N.unusable` (kept, never listed again), so that rotation never
+    counts them as kept: every listed checkpoint newer than the loaded one is then one this run wrote.
     """
     skipped = []
     for path in candidates(run_dir):
         problem = verify(path)
         if not _agree(problem is None, ctx.device):
-            skipped.append(path.name)
+            skipped.append(path)
             if ctx.is_main:
                 warnings.warn(f"checkpoint {path} is unusable ({problem or 'on another rank'}); trying the previous one")
             continue
+        loaded = _load_from(engine, path, ctx, ep_size)
         if skipped and ctx.is_main:
-            warnings.warn(f"resuming from {path.name} instead of {', '.join(skipped)}")
-        return _load_from(engine, path, ctx, ep_size)
+            for bad in skipped:
+                _set_aside(bad)
+            warnings.warn(f"resumed from {path.name} instead of {', '.join(p.name for p in skipped)} "
+                          f"(set aside as {', '.join(p.name + UNUSABLE for p in skipped)})")
+        torch.distributed.barrier()
+        return loaded
     raise CheckpointError(f"{checkpoint_root(run_dir)}: no usable checkpoint"
-                          + (f" (unusable: {', '.join(skipped)})" if skipped else ""))
+                          + (f" (unusable: {', '.join(p.name for p in skipped)})" if skipped else ""))
+
+
+UNUSABLE = ".unusable"
+
+
+def _set_aside(path: Path) -> None:
+    """Rename an unusable checkpoint out of the listing; an older set-aside copy of the same step goes."""
+    target = path.with_name(path.name + UNUSABLE)
+    shutil.rmtree(target, ignore_errors=True)
+    path.rename(target)
 
 
 def _load_from(engine, path: Path, ctx, ep_size: int) -> tuple[int, dict]:
@@ -186,9 +213,7 @@ def _load_from(engine, path: Path, ctx, ep_size: int) -> tuple[int, dict]:
         return int(state["step"]), state
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
     schedule = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["lr_scheduler"]
-    engine.lr_scheduler.load_state_dict(schedule)
-    for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-        group["lr"] = lr
+    engine.lr_scheduler.load_state_dict(schedule)  # its step count; the LR itself follows the resuming run's schedule
     moments = load_portable_optimizer(engine, path)
     if ctx.is_main:
         warnings.warn(f"{path.name} was saved on {saved['world_size']} rank(s) with moe.ep_size={saved['ep_size']}; "

@@ -14,6 +14,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -59,6 +60,13 @@ def destroy_process_group_at_exit() -> None:
     atexit.register(destroy)
 
 
+def process_group_timeout(cfg: Config) -> timedelta:
+    """After this a blocked gloo collective raises and NCCL's own watchdog aborts the process: a backstop well
+    behind the heartbeat watchdog (cluster.hang_timeout_s), which names the stopped ranks first. Never below
+    30 minutes (torch's gloo default): ranks wait at a barrier for as long as rank 0 takes to tokenize the corpus."""
+    return timedelta(seconds=max(1800.0, 2 * cfg.cluster.hang_timeout_s))
+
+
 def init_distributed(cfg: Config) -> DistContext:
     """Join (or create) the process group: env:// under --nproc, Ray's group under Ray Train, else 1 rank.
 
@@ -76,29 +84,42 @@ def init_distributed(cfg: Config) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(device)
         if owns_process_group:  # bound to this rank's GPU, so NCCL need not guess it from the rank
-            torch.distributed.init_process_group("nccl", device_id=device)
+            torch.distributed.init_process_group("nccl", device_id=device, timeout=process_group_timeout(cfg))
     import deepspeed
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     # verbose=False does not silence its CPU shared-memory op's "built successfully" print; stdout is the product's
     with contextlib.redirect_stdout(io.StringIO()):
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=process_group_timeout(cfg))
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     check_world_size(cfg, world_size)
     return DistContext(rank, world_size, local_rank, device, owns_process_group)
 
 
 def lr_lambda(cfg: Config):
-    """Linear warmup to train.lr, then cosine decay to lr * min_lr_ratio at max_steps."""
+    """LR factor of the step taken after `done` steps (LambdaLR's epoch): linear warmup to train.lr over
+    warmup_steps, then cosine decay to lr * min_lr_ratio, which the last step (max_steps) applies."""
     t = cfg.train
 
-    def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
+    def factor(done: int) -> float:
+        step = done + 1  # the step this LR is applied in, counted from 1
+        if step <= t.warmup_steps:
+            return step / t.warmup_steps
         progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def follow_schedule(engine, cfg: Config, done: int) -> None:
+    """Put this run's LR for the step after `done` into the optimizer. Loading a checkpoint restores the LR the
+    saved run would have applied next; a resume with another train.max_steps or train.lr follows its own
+    schedule from its first step instead."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [cfg.train.lr] * len(scheduler.base_lrs)
+    scheduler.last_epoch = done - 1
+    scheduler.step()  # sets every group's lr to base * factor(done) and records it
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -2,7 +2,8 @@
 
 Each worker is `python -m dist_moe.train.launch CONFIG.yaml` with the torch.distributed env:// variables
 set; rank 0 prints to the terminal, the others to RUN_DIR/logs/rank{r}.log. If one worker fails, the
-others are stopped; SIGTERM/SIGINT are passed on so that every worker saves a checkpoint and exits.
+others are stopped (at once when it reported a hang); SIGTERM/SIGINT are passed on so that every worker
+saves a checkpoint and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from dist_moe.config import Config, to_yaml
 from dist_moe.train.engine import free_port
+from dist_moe.train.heartbeat import HANG_EXIT_CODE
 
 
 def launch_local(cfg: Config, nproc: int, debug: bool = False) -> int:
@@ -52,13 +54,14 @@ def launch_local(cfg: Config, nproc: int, debug: bool = False) -> int:
 
 
 def _wait(procs: list[subprocess.Popen], run_dir: Path) -> int:
-    """All exit 0 -> 0. The first failure stops the rest (after a grace period) and is returned."""
+    """All exit 0 -> 0. The first failure stops the rest and is returned: after a grace period, or at once after
+    a hang report (the rank it names may be stopped, and its peers wait on it)."""
     while True:
         codes = [p.poll() for p in procs]
         failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
             rank, code = failed[0]
-            deadline = time.time() + 30
+            deadline = time.time() + (0 if code == HANG_EXIT_CODE else 30)
             while any(p.poll() is None for p in procs) and time.time() < deadline:
                 time.sleep(0.5)
             for p in procs:

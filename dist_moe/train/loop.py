@@ -5,6 +5,7 @@ and inside Ray Train workers; it is the only training loop in dist_moe.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from pathlib import Path
@@ -20,9 +21,11 @@ from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
-from dist_moe.train.engine import DistContext, build_engine, destroy_process_group_at_exit, init_distributed
+from dist_moe.train.engine import (DistContext, build_engine, destroy_process_group_at_exit, follow_schedule,
+                                   init_distributed)
 from dist_moe.train.expert_load import ExpertLoadTracker
 from dist_moe.train.flops import mfu, peak_flops, training_flops_per_token
+from dist_moe.train.heartbeat import Heartbeat
 from dist_moe.train.metrics import Metrics
 
 
@@ -61,6 +64,16 @@ def run(cfg: Config) -> dict:
     if cfg.resume == "never" and checkpoint.candidates(run_dir):  # never train over a run's checkpoints
         raise ConfigError(f"run dir '{run_dir}' already holds checkpoints: continue it with "
                           f"`dist-moe resume {run_dir}` (or resume=auto), or pick another run_dir")
+    heartbeat = Heartbeat(run_dir, ctx.rank, ctx.world_size, cfg.cluster.hang_timeout_s)
+    try:
+        return _train(cfg, ctx, stop, heartbeat)
+    finally:
+        heartbeat.close()
+
+
+def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbeat) -> dict:
+    run_dir = Path(cfg.run_dir)
+    heartbeat.enter("preparing data", watched=False)
     hf_init = bool(cfg.init.from_hf or cfg.init.upcycle_from)
     if hf_init:  # the model's shape (and the tokenizer, where the folder has one) come from a transformers folder
         from dist_moe.hf import load as hf_load
@@ -81,9 +94,6 @@ def run(cfg: Config) -> dict:
     resuming = cfg.resume == "auto" and bool(checkpoint.candidates(run_dir))
     if resuming:
         check_resumable(from_yaml_file(run_dir / "config.yaml"), cfg)
-    torch.distributed.barrier()
-    if ctx.is_main:
-        write_bytes_atomic(run_dir / "config.yaml", to_yaml(cfg).encode())
 
     torch.manual_seed(cfg.train.seed)  # identical non-expert init on every rank
     model = Transformer(cfg, ep_group=expert_parallel_group(cfg.moe.ep_size))
@@ -98,11 +108,16 @@ def run(cfg: Config) -> dict:
 
     step = 0
     if resuming:
+        heartbeat.enter("checkpoint load")
         step, state = checkpoint.load(engine, run_dir, ctx, cfg.moe.ep_size)
+        follow_schedule(engine, cfg, step)
         sampler.load_state_dict(state["sampler"])
         if "rng" in state:
             checkpoint.set_rng_state(state["rng"], model)
         say(ctx, f"resumed from {run_dir / 'checkpoints'} at step {step}")
+    torch.distributed.barrier()
+    if ctx.is_main:  # only now: a resume that found no usable checkpoint leaves the run's config as it was
+        write_bytes_atomic(run_dir / "config.yaml", to_yaml(cfg).encode())
 
     metrics = Metrics(run_dir, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, start_step=step)
     expert_load = ExpertLoadTracker(engine.module, cfg.moe.num_experts)
@@ -115,24 +130,27 @@ def run(cfg: Config) -> dict:
                 f"{grad_accum_dtype(cfg, ctx.device.type)}" if cfg.train.grad_accum_steps > 1 else ""))
 
     def save(at_step: int) -> None:
+        heartbeat.enter("checkpoint save")
         state = {"step": at_step, "sampler": sampler.state_dict(), "ep_size": cfg.moe.ep_size}
         path = checkpoint.save(engine, run_dir, at_step, state, ctx, cfg.ckpt.keep)
         say(ctx, f"checkpoint {path}")
 
-    val_loss = float("nan")
+    val_loss = None  # no evaluation yet (a stop before the first one): null in summary.json
     window_start, window_tokens = time.perf_counter(), 0
     stopped_early = False
     while step < cfg.train.max_steps:
-        train_losses = train_step(cfg, engine, sampler, ctx, expert_load)
+        lr = engine.get_lr()[0]  # the LR this step applies; engine.step() moves it on to the next step's
+        train_losses = train_step(cfg, engine, sampler, ctx, expert_load, heartbeat, step + 1)
         end_router_step(engine.module, cfg.moe.bias_update_rate)  # aux-free bias: the whole step's load
         step += 1
         window_tokens += tokens_per_step
         if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+            heartbeat.enter("logging (all-reduce)")
             elapsed = time.perf_counter() - window_start
             tokens_per_second = window_tokens / elapsed
             ce, aux, z = mean_over_ranks(torch.stack([train_losses["ce"], train_losses["aux"], train_losses["z"]]))
             scalars = {
-                "train/loss": ce, "train/aux_loss": aux, "train/z_loss": z, "train/lr": engine.get_lr()[0],
+                "train/loss": ce, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr,
                 "train/grad_norm": _grad_norm(engine), "perf/tokens_per_second": tokens_per_second,
                 "perf/mfu": mfu(flops_per_token, tokens_per_second / ctx.world_size, peak),
             }
@@ -144,17 +162,20 @@ def run(cfg: Config) -> dict:
         if step % cfg.log.expert_every == 0 or step == cfg.train.max_steps:
             expert_load.log(metrics.tensorboard, step)
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+            heartbeat.enter("evaluation")
             val_loss = evaluate(cfg, engine, prepared.val_path, ctx)
             metrics.log(step, {"val/loss": val_loss})
             say(ctx, f"step {step:>6} | val loss {val_loss:.4f}")
         if cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < cfg.train.max_steps:
             save(step)
+        heartbeat.enter("stop check (all-reduce)")
         if stop.any_rank(ctx):
             say(ctx, f"stop requested: saving step {step} and exiting")
             stopped_early = True
             break
 
     save(step)
+    heartbeat.enter("finished", watched=False)
     metrics.close()
     summary = {
         "step": step, "max_steps": cfg.train.max_steps, "completed": not stopped_early, "val_loss": val_loss,
@@ -162,26 +183,30 @@ def run(cfg: Config) -> dict:
         "tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token,
         "unigram_entropy": prepared.unigram_entropy_nats,
     }
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # strict
+    if ctx.is_main:  # JSON: a diverged run's NaN loss is null
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         print(f"run dir: {run_dir}\nTensorBoard: dist-moe tensorboard {run_dir}", flush=True)
     if ctx.owns_process_group:  # only after a run completed: a failing rank's peers may still wait on the group
         destroy_process_group_at_exit()
     return summary
 
 
-def train_step(cfg: Config, engine, sampler: TokenSampler, ctx: DistContext,
-               expert_load: ExpertLoadTracker) -> dict[str, torch.Tensor]:
-    """One optimizer step over grad_accum_steps micro batches; returns mean losses (tensors, no sync)."""
+def train_step(cfg: Config, engine, sampler: TokenSampler, ctx: DistContext, expert_load: ExpertLoadTracker,
+               heartbeat: Heartbeat, step: int) -> dict[str, torch.Tensor]:
+    """Optimizer step `step` over grad_accum_steps micro batches; returns mean losses (tensors, no sync)."""
     engine.train()
     sums = {"ce": 0.0, "aux": 0.0, "z": 0.0}
     for _ in range(cfg.train.grad_accum_steps):
         x, y = (t.to(ctx.device, non_blocking=True) for t in sampler.next_batch())
+        heartbeat.enter("forward (MoE all-to-all)", step)
         out = engine(x)
         expert_load.accumulate()
         ce = cross_entropy(out.logits, y)
         loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
+        heartbeat.enter("backward (all-to-all, gradient reduce)")
         engine.backward(loss)
+        heartbeat.enter("optimizer step (gradient norm all-reduce)")
         engine.step()
         sums = {"ce": sums["ce"] + ce.detach(), "aux": sums["aux"] + out.aux_loss.detach(),
                 "z": sums["z"] + out.z_loss.detach()}

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -85,3 +86,45 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, 
     assert summary["step"] == steps and summary["completed"]
     logs = dist_moe("logs", "--address", ray_head, job_id, cwd=tmp_path).stdout
     assert "resumed from" in logs
+
+
+def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint(ray_head, tmp_path):
+    """SIGSTOP one Ray Train worker mid-run: a peer's watchdog names it (rank, host) and exits, Ray Train restarts
+    the group, which resumes from the last checkpoint and finishes with every step logged once."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    steps = 14
+    result = dist_moe("submit", "--address", ray_head, "--no-wait", *SMALL, f"train.max_steps={steps}",
+                      "ckpt.every=3", "cluster.max_failures=1", "cluster.hang_timeout_s=4", f"run_dir={run_dir}",
+                      f"data.cache_dir={cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+)", result.stdout).group(1)
+    stopped, deadline = None, time.time() + 400
+    try:
+        while time.time() < deadline and stopped is None:  # a checkpoint and a step past it
+            try:
+                beat = json.loads((run_dir / "heartbeats" / "rank1.json").read_text())
+            except (OSError, ValueError):
+                beat = None
+            if beat and beat["step"] >= 5:
+                stopped = beat["pid"]
+            time.sleep(0.1)
+        assert stopped is not None, "rank 1 never reached step 5"
+        os.kill(stopped, signal.SIGSTOP)
+        while time.time() < deadline:
+            status = dist_moe("status", "--address", ray_head, job_id, cwd=tmp_path).stdout
+            if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(2)
+    finally:
+        if stopped is not None:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(stopped, sig)
+                except ProcessLookupError:
+                    pass
+    logs = dist_moe("logs", "--address", ray_head, job_id, cwd=tmp_path).stdout
+    assert "SUCCEEDED" in status, logs[-4000:]
+    assert f"error: hang: stopped beating: rank 1 ({socket.gethostname()}, pid {stopped}, last heartbeat" in logs
+    assert "resumed from" in logs
+    assert logged_steps(run_dir) == list(range(1, steps + 1))  # no step missing or repeated
+    assert json.loads((run_dir / "summary.json").read_text())["completed"]
