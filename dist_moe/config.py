@@ -123,6 +123,8 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _f(0, "save every N steps (0 = only at the end)")
+    every_minutes: float = _f(0.0, "also save once this many minutes of wall clock passed since the last save "
+                                   "(0 = off); bounds what a hard kill loses")
     keep: int = _f(3, "complete checkpoints kept in the run dir")
 
 
@@ -140,6 +142,8 @@ class ClusterConfig:
     use_gpu: bool = _f(False, "one GPU per Ray worker")
     address: str = _f("", "Ray cluster address; empty = start a local one on the fly")
     max_failures: int = _f(2, "Ray Train restarts after a worker dies")
+    stop_timeout_s: int = _f(300, "seconds a stopped Ray run (SIGTERM/SIGINT, `dist-moe stop`) may take to "
+                                  "save before it is killed; submit sets Ray's job stop timeout above it")
 
 
 @dataclass
@@ -330,6 +334,8 @@ def validate(cfg: Config) -> None:
     need(cfg.ckpt.keep >= 1, "ckpt.keep", ">= 1")
     need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
     need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
+    need(cfg.cluster.stop_timeout_s >= 1, "cluster.stop_timeout_s", "a positive number of seconds")
+    need(cfg.ckpt.every_minutes >= 0, "ckpt.every_minutes", "0 (off) or a positive number of minutes")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
