@@ -17,12 +17,14 @@ def logged_steps(run_dir: Path) -> list[int]:
     return [row["step"] for row in rows if "train/loss" in row]
 
 
-def wait_for_steps(run_dir: Path, n: int, alive: Callable[[], bool], timeout: float = 300) -> None:
-    """Until metrics.jsonl has n training steps (the run is past its start-up, mid-training)."""
+def wait_for_steps(run_dir: Path, n: int, alive: Callable[[], bool], timeout: float = 300,
+                   log: Callable[[], str] = str) -> None:
+    """Until metrics.jsonl has n training steps (the run is past its start-up, mid-training); log: what to show
+    when it does not get there."""
     deadline = time.monotonic() + timeout
     while len(logged_steps(run_dir)) < n:
-        assert alive(), "the run ended before it was stopped"
-        assert time.monotonic() < deadline, f"no {n} logged steps in {run_dir} after {timeout} s"
+        assert alive(), "the run ended before it was stopped: " + log()[-4000:]
+        assert time.monotonic() < deadline, f"no {n} logged steps in {run_dir} after {timeout} s: " + log()[-4000:]
         time.sleep(0.2)
 
 
