@@ -88,6 +88,26 @@ def train_on_ray(cfg: Config) -> int:
     return 0
 
 
+def request_stop(run_dir: str, timeout_s: float) -> bool:
+    """Kubernetes' preStop hook (launch/k8s): when this pod runs part of a run (a Ray Train worker, or the driver
+    of run_dir), create RUN_DIR/STOP and wait, at most timeout_s, until the driver removes it after the save;
+    only then does the kubelet send SIGTERM, which stops Ray at once. False when there was nothing to stop here."""
+    import psutil
+
+    def running_here() -> bool:
+        return any("RayTrainWorker" in line or "dist-moe train" in line and f"run_dir={run_dir}" in line
+                   for line in (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])))
+
+    if not running_here():
+        return False
+    stop_file = Path(run_dir) / STOP_FILE
+    stop_file.write_text("preStop\n")
+    deadline = time.monotonic() + timeout_s
+    while stop_file.exists() and running_here() and time.monotonic() < deadline:
+        time.sleep(1)
+    return True
+
+
 def _fit_until_stopped(trainer, stop_file: Path, timeout_s: float):
     """trainer.fit() in a helper thread, so that SIGTERM/SIGINT reach the handler here (Ray Train's own, which
     it installs only in the main thread, aborts the workers on SIGINT without a save). The first signal
