@@ -84,11 +84,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, 
     assert "resumed from" in logs
 
 
-def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_path):
+def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_path, cache_dir):
     """`dist-moe stop`: Ray Jobs sends SIGTERM to the driver, which has the workers save the step they are at;
     the job ends STOPPED well within Ray's stop timeout (submit sets it to cluster.stop_timeout_s + 30 s, so
     the driver is not SIGKILLed mid-save: it cleaned up its stop file), and the run resumes from that step."""
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir, cache = tmp_path / "run", cache_dir
     result = dist_moe("submit", "--address", ray_head, "--no-wait", *SMALL, "train.max_steps=100000",
                       "cluster.stop_timeout_s=90", f"run_dir={run_dir}", f"data.cache_dir={cache}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -111,10 +111,10 @@ def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_
     assert logged_steps(run_dir) == list(range(1, step + 3))
 
 
-def test_ctrl_c_on_a_local_ray_run_saves_on_both_workers_and_resume_continues(tmp_path):
+def test_ctrl_c_on_a_local_ray_run_saves_on_both_workers_and_resume_continues(tmp_path, cache_dir):
     """`dist-moe train cluster=ray` (its own local Ray) and Ctrl-C, i.e. SIGINT to its whole process group:
     Ray Train's own handler would abort the workers without a save; ours has them save and the driver exits 0."""
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir, cache = tmp_path / "run", cache_dir
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     proc = subprocess.Popen([sys.executable, "-m", "dist_moe.cli", "train", *SMALL, "cluster=ray",
                              "train.max_steps=100000", "cluster.stop_timeout_s=90", f"run_dir={run_dir}", f"data.cache_dir={cache}"],
@@ -134,6 +134,7 @@ def test_ctrl_c_on_a_local_ray_run_saves_on_both_workers_and_resume_continues(tm
     assert time.monotonic() - start < 90
     assert "Gracefully aborting" not in out
     step = assert_saved_on_stop(run_dir, signalled_after)
-    resumed = dist_moe("resume", str(run_dir), f"train.max_steps={step + 2}", cwd=tmp_path)
-    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stdout[-3000:]
+    resumed = dist_moe("resume", str(run_dir), f"train.max_steps={step + 2}", "cluster=local", "--nproc=2",
+                       cwd=tmp_path)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
     assert logged_steps(run_dir) == list(range(1, step + 3))

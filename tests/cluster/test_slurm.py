@@ -39,8 +39,8 @@ def job_state(env: dict, job_id: str) -> str:
     return f"{found.group(1)} {found.group(2)}" if found else "GONE"
 
 
-def test_scancel_batch_term_saves_the_current_step_before_ray_goes_and_resume_continues(slurm, tmp_path):
-    run_dir, cache, out = tmp_path / "run", tmp_path / "cache", tmp_path / "job.out"
+def test_scancel_batch_term_saves_the_current_step_before_ray_goes_and_resume_continues(slurm, tmp_path, cache_dir):
+    run_dir, cache, out = tmp_path / "run", cache_dir, tmp_path / "job.out"
     env = dict(slurm, PATH=f"{Path(sys.executable).parent}:{slurm['PATH']}", DIST_MOE_HEAD_IP="127.0.0.1",
                DIST_MOE_RAY_PORT=str(free_ports(1)[0]))
     submitted = subprocess.run(
