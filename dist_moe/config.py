@@ -135,6 +135,8 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     every: int = _f(0, "save every N steps (0 = only at the end)")
+    every_minutes: float = _f(0.0, "also save once this many minutes of wall clock passed since the last save "
+                                   "(0 = off); bounds what a hard kill loses")
     keep: int = _f(3, "complete checkpoints kept in the run dir")
 
 
@@ -154,6 +156,8 @@ class ClusterConfig:
     max_failures: int = _f(2, "Ray Train restarts after a worker dies")
     hang_timeout_s: float = _f(600.0, "a rank this long in one training phase (a step's collective, eval, a save) "
                                       "is a hang: the stopped ranks are named and the run exits or restarts")
+    stop_timeout_s: int = _f(300, "seconds a stopped Ray run (SIGTERM/SIGINT, `dist-moe stop`) may take to "
+                                  "save before it is killed; submit sets Ray's job stop timeout above it")
 
 
 @dataclass
@@ -363,6 +367,8 @@ def validate(cfg: Config) -> None:
     need(cfg.cluster.hang_timeout_s > 0, "cluster.hang_timeout_s", "a positive number of seconds")
     need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
     need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
+    need(cfg.cluster.stop_timeout_s >= 1, "cluster.stop_timeout_s", "a positive number of seconds")
+    need(cfg.ckpt.every_minutes >= 0, "ckpt.every_minutes", "0 (off) or a positive number of minutes")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")

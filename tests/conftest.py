@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Without a GPU: DeepSpeed picks its accelerator and Triton builds its language helpers at import time,
 # so both are told here, before any test module imports them (importing torch imports neither). Under
 # TRITON_INTERPRET=1 the Triton kernels run on CPU tensors when a test asks for them; the model itself
@@ -11,3 +13,9 @@ from dist_moe.accelerator import tell_deepspeed
 tell_deepspeed()
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One tokenizer/shard cache for every run in the session (the first run builds it)."""
+    return tmp_path_factory.mktemp("cache")

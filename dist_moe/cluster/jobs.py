@@ -25,6 +25,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = ["runs/", ".venv/", ".git/", "__pycache__/"]  # never uploaded with the working dir
 STAGING = ".dist_moe_submit"  # a local preset file is copied here (inside the working dir) while uploading
 PROBE_TIMEOUT_S = (3.0, 10.0)  # (connect, read) for the reachability probe
+STOP_MARGIN_S = 30  # Ray's job stop timeout = cluster.stop_timeout_s + this (the driver's exit, Ray's shutdown)
 
 
 class JobError(RuntimeError):
@@ -106,8 +107,12 @@ def entrypoint(preset_ref: Optional[str], overrides: list[str]) -> str:
     return shlex.join(["dist-moe", "train", *([preset_ref] if preset_ref else []), *overrides, "cluster=ray"])
 
 
-def runtime_env(working_dir: Path) -> dict:
-    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": dict(WORKER_ENV)}
+def runtime_env(working_dir: Path, stop_timeout_s: int) -> dict:
+    """What travels with the job. Ray's job supervisor reads its stop timeout (SIGTERM to the driver, SIGKILL
+    this many seconds later; Ray's default is 3 s) from the job's env vars: it must outlast the driver's own
+    wait for the workers' save, cluster.stop_timeout_s, plus Ray's shutdown."""
+    env_vars = {**WORKER_ENV, "RAY_JOB_STOP_WAIT_TIME_S": str(stop_timeout_s + STOP_MARGIN_S)}
+    return {"working_dir": str(working_dir), "excludes": list(EXCLUDES), "env_vars": env_vars}
 
 
 def is_local_preset(preset: Optional[str]) -> bool:
@@ -156,7 +161,7 @@ def submit(address: Optional[str], preset: Optional[str], overrides: list[str], 
     with staged_preset(preset, root) as preset_ref:
         command = entrypoint(preset_ref, overrides)
         try:
-            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(root))
+            job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(root, cfg.cluster.stop_timeout_s))
         except (RuntimeError, ValueError) as exc:
             raise JobError(f"submitting to {jobs.get_address()} failed: {str(exc).splitlines()[0]}") from None
     print(f"submitted job {job_id} to {jobs.get_address()}: {command}", flush=True)

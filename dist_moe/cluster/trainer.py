@@ -4,6 +4,10 @@ Ray Train's TorchConfig creates the torch.distributed process group (gloo on CPU
 DeepSpeed adopts it. Fault tolerance is Ray's restart plus our run dir: every (re)started worker group runs
 with resume=auto, so after a worker dies the group restarts from the last complete checkpoint. The run dir
 must therefore live on storage all workers share (one machine: any local path).
+
+Stopping: SIGTERM/SIGINT to the driver (Ctrl-C, `dist-moe stop`, a launcher passing the signal on) create
+RUN_DIR/STOP; the workers see it at the next step boundary, save that step and return, and the driver exits
+0 once they have, or 1 after cluster.stop_timeout_s. A second signal stops at once without waiting.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from dist_moe.config import Config, to_yaml
@@ -19,6 +26,7 @@ from dist_moe.config import Config, to_yaml
 # Ray Train (2.60) patches print() in its workers to log each line as well as write it, and Ray forwards
 # both to the driver: every worker line came out twice. Turned off for the workers we start.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+STOP_FILE = "STOP"  # in the run dir: asks the workers to save the current step and return
 
 
 def _worker(loop_config: dict) -> None:
@@ -27,7 +35,7 @@ def _worker(loop_config: dict) -> None:
     from dist_moe.config import from_yaml
     from dist_moe.train.loop import run
 
-    run(from_yaml(loop_config["config_yaml"]))
+    run(from_yaml(loop_config["config_yaml"]), stop_file=Path(loop_config["stop_file"]))
 
 
 def init_ray(address: str) -> None:
@@ -59,16 +67,84 @@ def train_on_ray(cfg: Config) -> int:
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     resumable = dataclasses.replace(cfg, run_dir=str(run_dir), resume="auto")
+    stop_file = run_dir / STOP_FILE
+    stop_file.unlink(missing_ok=True)  # left by a driver that was killed before it could clean up
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config_yaml": to_yaml(resumable)},
+        train_loop_config={"config_yaml": to_yaml(resumable), "stop_file": str(stop_file)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=int(process_group_timeout(cfg).total_seconds())),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
-    result = trainer.fit()
+    try:
+        result = _fit_until_stopped(trainer, stop_file, cfg.cluster.stop_timeout_s)
+    finally:
+        stop_file.unlink(missing_ok=True)
+    if result is None:
+        print(f"error: the workers did not save within cluster.stop_timeout_s={cfg.cluster.stop_timeout_s}; "
+              f"stopping them: the run continues from {run_dir / 'checkpoints'}", file=sys.stderr)
+        return 1
     if result.error is not None:
         raise result.error
     return 0
+
+
+def request_stop(run_dir: str, timeout_s: float) -> bool:
+    """Kubernetes' preStop hook (launch/k8s): when this pod runs part of a run (a Ray Train worker, or the driver
+    of run_dir), create RUN_DIR/STOP and wait, at most timeout_s, until the driver removes it after the save;
+    only then does the kubelet send SIGTERM, which stops Ray at once. False when there was nothing to stop here."""
+    import psutil
+
+    def running_here() -> bool:
+        return any("RayTrainWorker" in line or "dist-moe train" in line and f"run_dir={run_dir}" in line
+                   for line in (" ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])))
+
+    if not running_here():
+        return False
+    stop_file = Path(run_dir) / STOP_FILE
+    stop_file.write_text("preStop\n")
+    deadline = time.monotonic() + timeout_s
+    while stop_file.exists() and running_here() and time.monotonic() < deadline:
+        time.sleep(1)
+    return True
+
+
+def _fit_until_stopped(trainer, stop_file: Path, timeout_s: float):
+    """trainer.fit() in a helper thread, so that SIGTERM/SIGINT reach the handler here (Ray Train's own, which
+    it installs only in the main thread, aborts the workers on SIGINT without a save). The first signal
+    creates stop_file and waits; a second raises KeyboardInterrupt. None if the stop took over timeout_s."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the main thread
+            outcome["error"] = exc
+
+    stop_requested_at = None
+
+    def on_signal(signum, frame) -> None:
+        nonlocal stop_requested_at
+        if stop_requested_at is not None:
+            raise KeyboardInterrupt
+        stop_requested_at = time.monotonic()
+        stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        print(f"{signal.Signals(signum).name}: the workers save the current step and stop (up to {timeout_s:g} s; "
+              "a second signal stops at once, without saving)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+            if stop_requested_at is not None and time.monotonic() - stop_requested_at > timeout_s:
+                return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

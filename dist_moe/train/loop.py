@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -27,28 +26,7 @@ from dist_moe.train.expert_load import ExpertLoadTracker
 from dist_moe.train.flops import mfu, peak_flops, training_flops_per_token
 from dist_moe.train.heartbeat import Heartbeat
 from dist_moe.train.metrics import Metrics
-
-
-class StopRequest:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. some Ray workers): no handler, no flag
-                pass
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def any_rank(self, ctx: DistContext) -> bool:
-        if ctx.world_size == 1:
-            return self.requested
-        flag = torch.tensor([int(self.requested)], device=ctx.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+from dist_moe.train.stop import SaveClock, StopRequest, any_rank
 
 
 def say(ctx: DistContext, message: str) -> None:
@@ -56,9 +34,10 @@ def say(ctx: DistContext, message: str) -> None:
         print(message, flush=True)
 
 
-def run(cfg: Config) -> dict:
-    """Train cfg.train.max_steps optimizer steps (continuing from a checkpoint if cfg.resume=auto)."""
-    stop = StopRequest()
+def run(cfg: Config, stop_file: Path | None = None) -> dict:
+    """Train cfg.train.max_steps optimizer steps (continuing from a checkpoint if cfg.resume=auto). A signal,
+    or stop_file appearing, saves the current step and returns early (summary "completed": false)."""
+    stop = StopRequest(stop_file)
     ctx = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
     if cfg.resume == "never" and checkpoint.candidates(run_dir):  # never train over a run's checkpoints
@@ -129,10 +108,13 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
              + (f"; gradients summed over {cfg.train.grad_accum_steps} micro steps in "
                 f"{grad_accum_dtype(cfg, ctx.device.type)}" if cfg.train.grad_accum_steps > 1 else ""))
 
+    clock = SaveClock(cfg.ckpt.every_minutes)
+
     def save(at_step: int) -> None:
         heartbeat.enter("checkpoint save")
         state = {"step": at_step, "sampler": sampler.state_dict(), "ep_size": cfg.moe.ep_size}
         path = checkpoint.save(engine, run_dir, at_step, state, ctx, cfg.ckpt.keep)
+        clock.saved()
         say(ctx, f"checkpoint {path}")
 
     val_loss = None  # no evaluation yet (a stop before the first one): null in summary.json
@@ -166,13 +148,14 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
             val_loss = evaluate(cfg, engine, prepared.val_path, ctx)
             metrics.log(step, {"val/loss": val_loss})
             say(ctx, f"step {step:>6} | val loss {val_loss:.4f}")
-        if cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < cfg.train.max_steps:
-            save(step)
         heartbeat.enter("stop check (all-reduce)")
-        if stop.any_rank(ctx):
+        stop_now, time_due = any_rank(ctx, stop.requested, clock.due())
+        if stop_now:
             say(ctx, f"stop requested: saving step {step} and exiting")
             stopped_early = True
             break
+        if step < cfg.train.max_steps and (time_due or (cfg.ckpt.every and step % cfg.ckpt.every == 0)):
+            save(step)
 
     save(step)
     heartbeat.enter("finished", watched=False)

@@ -48,10 +48,11 @@ def test_entrypoint_quotes_overrides_and_ends_with_cluster_ray():
 
 
 def test_runtime_env_uploads_the_working_dir_without_runs_venv_git(tmp_path):
-    env = jobs.runtime_env(tmp_path)
+    env = jobs.runtime_env(tmp_path, stop_timeout_s=300)
     assert env["working_dir"] == str(tmp_path)
     assert {"runs/", ".venv/", ".git/"} <= set(env["excludes"])
-    assert env["env_vars"] == {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # worker prints are not doubled
+    assert env["env_vars"]["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"  # worker prints are not doubled
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "330"  # Ray's job stop outlasts the driver's wait
 
 
 def test_shipped_preset_is_passed_by_name_and_nothing_is_staged(tmp_path):

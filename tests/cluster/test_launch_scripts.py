@@ -157,7 +157,7 @@ def test_sbatch_exit_status_is_the_runs_and_ray_is_torn_down_on_failure(fake_env
     index(lines, "^ray stopped worker$")
 
 
-def test_sbatch_cancellation_stops_the_run_and_ray(fake_env):
+def test_sbatch_term_stops_the_run_before_tearing_down_ray(fake_env):
     env = dict(slurm_env(fake_env, nodes=2), FAKE_TRAIN_BLOCK="1")
     proc = subprocess.Popen(["bash", str(SBATCH), "small"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -171,11 +171,10 @@ def test_sbatch_cancellation_stops_the_run_and_ray(fake_env):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143
+    assert proc.returncode == 143  # the run's exit status (the fake exits 143 on TERM)
     lines = calls(env)
-    index(lines, "^dist-moe terminated$")
-    index(lines, "^ray stopped head$")
-    index(lines, "^ray stopped worker$")
+    stopped = index(lines, "^dist-moe terminated$")  # the run stopped (and saved) before Ray went
+    assert stopped < index(lines, "^ray stopped worker$") and stopped < index(lines, "^ray stopped head$")
 
 
 def test_sbatch_fails_when_nodes_do_not_join_and_still_tears_down(fake_env):
@@ -223,6 +222,40 @@ def test_rayjob_runs_dist_moe_on_the_built_image_with_one_worker_per_gpu():
     assert cfg.run_dir.startswith("/runs/")
     mounts = [{m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])} for pod in pods]
     assert all("/runs" in m for m in mounts), "every pod must mount the shared run dir"
+
+
+def test_rayjob_pods_have_the_run_save_before_sigterm_within_their_grace_period():
+    """Every pod's preStop hook asks the entrypoint's run to stop (request_stop) and waits for longer than the
+    run's own stop timeout; the pod's grace period covers that wait."""
+    job = yaml.safe_load(RAYJOB.read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    cfg = load_config(argv[2], argv[3:])
+    cluster = job["spec"]["rayClusterSpec"]
+    for pod in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        hook = pod["spec"]["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        found = re.fullmatch(r"from dist_moe\.cluster\.trainer import request_stop; request_stop\('(.+)', (\d+)\)", hook[2])
+        assert hook[:2] == ["python", "-c"] and found, hook
+        assert found.group(1) == cfg.run_dir
+        assert cfg.cluster.stop_timeout_s < int(found.group(2)) < pod["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_request_stop_creates_the_stop_file_and_waits_for_the_run_to_exit(tmp_path):
+    """The preStop side of the stop file, against a stand-in for the run's driver (named as the driver is, and
+    removing the file as it does after the save)."""
+    from dist_moe.cluster.trainer import STOP_FILE, request_stop
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import pathlib, sys, time\n"
+                                 "stop = pathlib.Path(sys.argv[1])\n"
+                                 "while not stop.exists(): time.sleep(0.05)\n"
+                                 "time.sleep(1); stop.unlink()", str(tmp_path / STOP_FILE), "dist-moe train",
+                                 f"run_dir={tmp_path}"])
+    try:
+        start = time.monotonic()
+        assert request_stop(str(tmp_path), timeout_s=60) is True
+        assert stand_in.poll() is not None and 1 <= time.monotonic() - start < 30
+        assert not (tmp_path / STOP_FILE).exists()
+    finally:
+        stand_in.kill()
 
 
 def test_dockerfile_has_dist_moe_entrypoint_and_copies_every_package_source():

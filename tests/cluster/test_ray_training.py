@@ -1,4 +1,5 @@
-"""The real distributed path under Ray: a 2-worker job through `dist-moe submit`, and a worker killed mid-run."""
+"""The real distributed path under Ray: a 2-worker job through `dist-moe submit`, a worker killed mid-run, and
+stops that save: `dist-moe stop` of a submitted job, Ctrl-C on a local Ray run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import psutil
 import pytest
 
 from ray_cluster import ray_head_node
+from stopped_runs import assert_saved_on_stop, logged_steps, wait_for_steps
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +39,8 @@ def dist_moe(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedP
                           timeout=timeout, cwd=cwd, env=env)
 
 
-def logged_steps(run_dir: Path) -> list[int]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["step"] for row in rows if "train/loss" in row]
-
-
-def test_two_worker_job_through_submit_trains_checkpoints_and_logs(ray_head, tmp_path):
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+def test_two_worker_job_through_submit_trains_checkpoints_and_logs(ray_head, tmp_path, cache_dir):
+    run_dir, cache = tmp_path / "run", cache_dir
     result = dist_moe("submit", "--address", ray_head, *SMALL, "train.max_steps=6", f"run_dir={run_dir}",
                       f"data.cache_dir={cache}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -59,8 +56,8 @@ def test_two_worker_job_through_submit_trains_checkpoints_and_logs(ray_head, tmp
     assert "\x1b[" not in logs.stdout and "TrainingReport" not in logs.stdout  # a log file: no colours, no dumps
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, tmp_path):
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, tmp_path, cache_dir):
+    run_dir, cache = tmp_path / "run", cache_dir
     steps = 16
     result = dist_moe("submit", "--address", ray_head, "--no-wait", *SMALL, f"train.max_steps={steps}",
                       "ckpt.every=3", "cluster.max_failures=2", f"run_dir={run_dir}", f"data.cache_dir={cache}",
@@ -88,10 +85,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, 
     assert "resumed from" in logs
 
 
-def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint(ray_head, tmp_path):
+def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint(ray_head, tmp_path, cache_dir):
     """SIGSTOP one Ray Train worker mid-run: a peer's watchdog names it (rank, host) and exits, Ray Train restarts
     the group, which resumes from the last checkpoint and finishes with every step logged once."""
-    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir, cache = tmp_path / "run", cache_dir
     steps = 14
     result = dist_moe("submit", "--address", ray_head, "--no-wait", *SMALL, f"train.max_steps={steps}",
                       "ckpt.every=3", "cluster.max_failures=1", "cluster.hang_timeout_s=4", f"run_dir={run_dir}",
@@ -128,3 +125,59 @@ def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint
     assert "resumed from" in logs
     assert logged_steps(run_dir) == list(range(1, steps + 1))  # no step missing or repeated
     assert json.loads((run_dir / "summary.json").read_text())["completed"]
+
+
+def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_path, cache_dir):
+    """`dist-moe stop`: Ray Jobs sends SIGTERM to the driver, which has the workers save the step they are at;
+    the job ends STOPPED well within Ray's stop timeout (submit sets it to cluster.stop_timeout_s + 30 s, so
+    the driver is not SIGKILLed mid-save: it cleaned up its stop file), and the run resumes from that step."""
+    run_dir, cache = tmp_path / "run", cache_dir
+    result = dist_moe("submit", "--address", ray_head, "--no-wait", *SMALL, "train.max_steps=100000",
+                      "cluster.stop_timeout_s=90", f"run_dir={run_dir}", f"data.cache_dir={cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+)", result.stdout).group(1)
+    wait_for_steps(run_dir, 3, lambda: "RUNNING" in dist_moe("status", "--address", ray_head, job_id,
+                                                             cwd=tmp_path).stdout, timeout=400)
+    signalled_after = len(logged_steps(run_dir))
+    start = time.monotonic()
+    assert dist_moe("stop", "--address", ray_head, job_id, cwd=tmp_path).returncode == 0
+    while "STOPPED" not in dist_moe("status", "--address", ray_head, job_id, cwd=tmp_path).stdout:
+        assert time.monotonic() - start < 120, "the job did not stop within its stop timeout"
+        time.sleep(1)
+    logs = dist_moe("logs", "--address", ray_head, job_id, cwd=tmp_path).stdout
+    step = assert_saved_on_stop(run_dir, signalled_after)
+    assert "SIGTERM: the workers save the current step" in logs and f"saving step {step} and exiting" in logs
+    assert not (run_dir / "STOP").exists()  # the driver exited on its own, after the save
+    resumed = dist_moe("resume", str(run_dir), f"train.max_steps={step + 2}", "cluster=local", "--nproc=2",
+                       cwd=tmp_path)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, step + 3))
+
+
+def test_ctrl_c_on_a_local_ray_run_saves_on_both_workers_and_resume_continues(tmp_path, cache_dir):
+    """`dist-moe train cluster=ray` (its own local Ray) and Ctrl-C, i.e. SIGINT to its whole process group:
+    Ray Train's own handler would abort the workers without a save; ours has them save and the driver exits 0."""
+    run_dir, cache = tmp_path / "run", cache_dir
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    proc = subprocess.Popen([sys.executable, "-m", "dist_moe.cli", "train", *SMALL, "cluster=ray",
+                             "train.max_steps=100000", "cluster.stop_timeout_s=90", f"run_dir={run_dir}", f"data.cache_dir={cache}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_steps(run_dir, 3, lambda: proc.poll() is None, timeout=400)
+        signalled_after = len(logged_steps(run_dir))
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-4000:]
+    assert time.monotonic() - start < 90
+    assert "Gracefully aborting" not in out
+    step = assert_saved_on_stop(run_dir, signalled_after)
+    resumed = dist_moe("resume", str(run_dir), f"train.max_steps={step + 2}", "cluster=local", "--nproc=2",
+                       cwd=tmp_path)
+    assert resumed.returncode == 0 and f"at step {step}" in resumed.stdout, resumed.stderr[-3000:]
+    assert logged_steps(run_dir) == list(range(1, step + 3))
