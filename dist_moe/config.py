@@ -48,6 +48,7 @@ class ModelConfig:
     d_ff: int = _f(512, "hidden width of the dense SwiGLU FFN (layers without MoE)")
     max_seq_len: int = _f(256, "longest sequence the model is run on")
     attention_window: int = _f(0, "sliding-window attention width (Mistral-style); 0 = full causal")
+    attention: str = _f("full", "full (causal) | moba (mixture of block attention, the moba.* keys)")
     rope_theta: float = _f(10000.0, "RoPE base")
     # RoPE scaling keys are transformers' rope_parameters names with a rope_ prefix (docs/export.md)
     rope_scaling: str = _f("none", "context extension: none | linear | ntk | yarn (transformers' rope_type)")
@@ -96,6 +97,14 @@ class MoEConfig:
     shared_expert: bool = _f(False, "add a dense shared expert beside the routed ones")
     ep_size: int = _f(1, "expert-parallel size: experts are split over this many ranks")
     impl: str = _f("dist_moe", "MoE implementation: dist_moe | deepspeed (deepspeed.moe.layer.MoE baseline)")
+
+
+@dataclass
+class MoBAConfig:
+    block_size: int = _f(128, "keys per MoBA block (the gate scores each block by its mean key)")
+    top_k: int = _f(3, "past blocks each query attends to, besides its own (causal) block")
+    key_conv: int = _f(0, "causal depthwise convolution on the keys (FlashMoBA's kconv): 0 (off), 3 or 5 taps")
+    full_attention_last_layers: int = _f(0, "the last N layers keep full attention (MoBA's hybrid recipe)")
 
 
 @dataclass
@@ -171,6 +180,7 @@ class InitConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    moba: MoBAConfig = field(default_factory=MoBAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -183,6 +193,7 @@ class Config:
 
 CHOICES = {
     "model.rope_scaling": ("none", "linear", "ntk", "yarn"),
+    "model.attention": ("full", "moba"),
     "moe.drop_policy": ("position", "probs"),
     "moe.noise": ("none", "learned", "jitter", "rsample"),
     "moe.overflow": ("drop", "reroute"),
@@ -369,6 +380,14 @@ def validate(cfg: Config) -> None:
     need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
     need(cfg.cluster.stop_timeout_s >= 1, "cluster.stop_timeout_s", "a positive number of seconds")
     need(cfg.ckpt.every_minutes >= 0, "ckpt.every_minutes", "0 (off) or a positive number of minutes")
+    if m.attention == "moba":
+        need(cfg.moba.block_size >= 16 and cfg.moba.block_size % 16 == 0, "moba.block_size",
+             "a positive multiple of 16 (the kernels' tiles divide it)")
+        need(cfg.moba.top_k >= 1, "moba.top_k", "a positive number of blocks")
+        need(cfg.moba.key_conv in (0, 3, 5), "moba.key_conv", "0 (off), 3 or 5")
+        need(0 <= cfg.moba.full_attention_last_layers <= m.num_layers, "moba.full_attention_last_layers",
+             f"between 0 and model.num_layers={m.num_layers}")
+        need(m.attention_window == 0, "model.attention_window", "0 with model.attention=moba")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
@@ -388,7 +407,7 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 
 # Keys a checkpoint was built with: changing them on resume would not load or would silently change the run.
-UNRESUMABLE = ("model.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl",
+UNRESUMABLE = ("model.", "moba.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl",
                "moe.noise", "moe.balance", "data.corpus", "data.vocab_size", "data.seq_len", "data.val_fraction",
                "data.max_corpus_mb", "data.tokenizer_sample_mb", "train.seed")
 
@@ -469,6 +488,10 @@ def head_dim(m: ModelConfig) -> int:
 
 def expert_width(cfg: Config) -> int:
     return cfg.moe.d_expert or cfg.model.d_ff
+
+
+def is_moba_layer(cfg: Config, layer_index: int) -> bool:
+    return cfg.model.attention == "moba" and layer_index < cfg.model.num_layers - cfg.moba.full_attention_last_layers
 
 
 def is_moe_layer(cfg: Config, layer_index: int) -> bool:

@@ -3,7 +3,8 @@
 `attention(q, k, v)` uses dist_moe's Triton flash kernel (kernels/flash_attention.py; its forward is a Gluon
 kernel on Hopper at D = 128) on CUDA when it supports the shape, and PyTorch SDPA otherwise; K/V are never
 repeated in memory on either path.
-MHA (num_kv_heads = num_heads) and MQA (num_kv_heads = 1) are the two ends of GQA.
+MHA (num_kv_heads = num_heads) and MQA (num_kv_heads = 1) are the two ends of GQA. A layer built with a
+MoBAConfig attends through MoBA instead (model/moba.py: block-sparse, chosen per query by a gate).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_moe.config import ModelConfig, head_dim
+from dist_moe.config import MoBAConfig, ModelConfig, head_dim
+from dist_moe.model.moba import KeyConv, moba_attention
 from dist_moe.model.rope import apply_rope
 
 _notified: set[tuple] = set()
@@ -58,6 +60,7 @@ class KVCache:
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.key_conv_input: torch.Tensor | None = None  # MoBA's key convolution: its last taps - 1 inputs
 
     @property
     def length(self) -> int:
@@ -70,23 +73,36 @@ class KVCache:
 
 
 class GroupedQueryAttention(nn.Module):
-    def __init__(self, m: ModelConfig):
+    """Full causal attention, or MoBA when given a MoBAConfig (the layers config.is_moba_layer names)."""
+
+    def __init__(self, m: ModelConfig, moba: MoBAConfig | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = m.num_heads, m.num_kv_heads, head_dim(m)
         self.window = m.attention_window
+        self.moba = moba
         self.wq = nn.Linear(m.d_model, m.num_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(m.d_model, m.num_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(m.d_model, m.num_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(m.num_heads * self.head_dim, m.d_model, bias=False)
+        use_conv = moba is not None and moba.key_conv > 0
+        self.key_conv = KeyConv(m.num_kv_heads * self.head_dim, moba.key_conv) if use_conv else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.wk(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k = self.wk(x)  # (B, T, Hkv * D)
+        if self.key_conv is not None:
+            k, tail = self.key_conv(k, cache.key_conv_input if cache is not None else None)
+            if cache is not None:
+                cache.key_conv_input = tail
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         offset = cache.length if cache is not None else 0
         q, k = apply_rope(q, cos, sin, offset), apply_rope(k, cos, sin, offset)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
+        if self.moba is not None:
+            y = moba_attention(q, k, v, self.moba.block_size, self.moba.top_k)  # (B, Hq, T, D)
+        else:
+            y = attention(q, k, v, causal=True, window=self.window)  # (B, Hq, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_moe.config import Config, ConfigError, expert_width, is_moe_layer
+from dist_moe.config import Config, ConfigError, expert_width, is_moba_layer, is_moe_layer
 from dist_moe.model.attention import GroupedQueryAttention, KVCache
 from dist_moe.model.moe.experts import SwiGLU
 from dist_moe.model.moe.layer import build_moe_layer
@@ -46,7 +46,7 @@ class Block(nn.Module):
         super().__init__()
         m = cfg.model
         self.attn_norm = RMSNorm(m.d_model, m.norm_eps)
-        self.attn = GroupedQueryAttention(m)
+        self.attn = GroupedQueryAttention(m, cfg.moba if is_moba_layer(cfg, layer_index) else None)
         self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_index)
         self.ffn = build_moe_layer(cfg, ep_group) if self.is_moe else SwiGLU(m.d_model, m.d_ff)
@@ -90,7 +90,8 @@ class Transformer(nn.Module):
             dense = [block.attn] + ([] if block.is_moe else [block.ffn])
             for module in dense:
                 for name, linear in module.named_children():
-                    linear.weight.normal_(0.0, out_std if name in ("wo", "w2") else std)
+                    if isinstance(linear, nn.Linear):  # MoBA's key convolution keeps its identity init
+                        linear.weight.normal_(0.0, out_std if name in ("wo", "w2") else std)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> ModelOutput:
         """tokens (B, T) int64 -> logits (B, T, V) and the summed router losses."""
