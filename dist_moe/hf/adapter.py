@@ -43,6 +43,9 @@ def architecture(cfg: Config) -> str:
     if moe.moe_every == 0:
         raise ConfigError("config key 'moe.moe_every' = 0: a dense model; export writes transformers' MoE "
                           "architectures (Mixtral, Qwen2-MoE)")
+    if m.attention == "moba":
+        raise ConfigError("config key 'model.attention' = 'moba': transformers has no mixture-of-block attention "
+                          "(an exported model would attend to every key); expected full")
     if m.rope_scaling == "ntk":
         raise ConfigError("config key 'model.rope_scaling' = 'ntk': transformers has no static NTK-aware scaling "
                           "(its 'dynamic' rescales with the sequence length); expected none | linear | yarn")

@@ -114,3 +114,11 @@ def test_small_at_32k_tokens_validates_and_builds():
                                 "model.vocab_size=16384"])
     model = Transformer(cfg)
     assert model.rope_cos.shape[0] == 32768 and all(b.attn.moba is cfg.moba for b in model.blocks)
+
+
+def test_hf_export_refuses_a_moba_model():
+    """transformers would run full attention on MoBA weights: export must say so, not write a different model."""
+    from dist_moe.hf.adapter import architecture
+
+    with pytest.raises(ConfigError, match="'model.attention' = 'moba'"):
+        architecture(load_config("tiny", ["model.attention=moba"]))
