@@ -10,9 +10,14 @@ kernels/moba.py must equal; on CUDA the seam takes the kernels.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+_notified: set[tuple] = set()
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
@@ -70,6 +75,11 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
 
         if kernel.supports(q, k, v, block_size):
             return kernel.moba_attention(q, k, v, block_size, top_k)
+        key = (q.shape[-1], q.dtype)
+        if key not in _notified:
+            _notified.add(key)
+            warnings.warn(f"MoBA kernels do not support head_dim={q.shape[-1]} {q.dtype}; using the dense-masked "
+                          "reference (memory grows with N^2)")
     return moba_attention_reference(q, k, v, block_size, top_k)
 
 
