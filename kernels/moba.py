@@ -46,7 +46,7 @@ def _tile(block_size: int) -> int:
 @triton.jit
 def _block_means(K, MEANS, N, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     """MEANS[bh, j] = mean of K[bh, j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE] in fp32; one program per block."""
-    j, bh = tl.program_id(0), tl.program_id(1)
+    j, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64 offsets: N * H * D passes 2^31 at 512K
     offs_d = tl.arange(0, HEAD_DIM)
     total = tl.zeros([HEAD_DIM], dtype=tl.float32)
     for start in range(j * BLOCK_SIZE, (j + 1) * BLOCK_SIZE, ROWS):
@@ -61,7 +61,7 @@ def _gate(Q, MEANS, CHOSEN, Hq, N, NUM_BLOCKS, GROUP, BLOCK_SIZE, HEAD_DIM: tl.c
           TOPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
     """CHOSEN[b, h, i, :TOPK_PAD] = the top TOPK past blocks of query i by q . mean(K_block), -1 padded, in no
     particular order. The running top-k replaces its smallest entry whenever a chunk holds a larger score."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
     bh_kv = b * (Hq // GROUP) + h // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -127,7 +127,7 @@ def _fwd_step(acc, l_i, m_i, q, K, V, bh_kv, offs_m, start_n, visible_rows, N, q
 @triton.jit
 def _moba_fwd(Q, K, V, CHOSEN, O, LSE, qk_scale, Hq, N, GROUP, BLOCK_SIZE, HEAD_DIM: tl.constexpr,
               TOPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
     bh_kv = b * (Hq // GROUP) + h // GROUP
     start_m = pid_m * BLOCK_M
@@ -179,7 +179,7 @@ def _dq_step(dq, q, do, lse, delta, K, V, bh_kv, offs_m, start_n, visible_rows, 
 def _moba_dq(Q, K, V, CHOSEN, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Hq, N, GROUP, BLOCK_SIZE,
              HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              PRECISION: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // Hq, bh % Hq
     bh_kv = b * (Hq // GROUP) + h // GROUP
     start_m = pid_m * BLOCK_M
@@ -239,7 +239,7 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, start_m, visible_row
 def _moba_dkdv(Q, K, V, CHOSEN, TILE_CHOSE, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Hq, Hkv, N, GROUP,
                BLOCK_SIZE, NUM_TILES, NUM_BLOCKS, HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n, bh_kv = tl.program_id(0), tl.program_id(1)
+    pid_n, bh_kv = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h_kv = bh_kv // Hkv, bh_kv % Hkv
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -308,10 +308,11 @@ def _tile_chose(chosen: torch.Tensor, block_m: int, num_blocks: int) -> torch.Te
     """(B, Hq, N / block_m, num_blocks) uint8: whether any query of a tile chose a block (the dK/dV skip list)."""
     B, Hq, N, K = chosen.shape
     num_tiles = triton.cdiv(N, block_m)
-    padded = torch.full((B, Hq, num_tiles * block_m, K), -1, device=chosen.device, dtype=torch.long)
-    padded[:, :, :N] = chosen
     hits = torch.zeros((B, Hq, num_tiles, num_blocks + 1), device=chosen.device, dtype=torch.uint8)
-    hits.scatter_(-1, padded.view(B, Hq, num_tiles, block_m * K) + 1, 1)  # column 0 takes the -1s
+    for h in range(Hq):  # one head at a time bounds the int64 copy scatter_ needs
+        padded = torch.full((B, num_tiles * block_m, K), -1, device=chosen.device, dtype=torch.long)
+        padded[:, :N] = chosen[:, h]
+        hits[:, h].scatter_(-1, padded.view(B, num_tiles, block_m * K) + 1, 1)  # column 0 takes the -1s
     return hits[..., 1:].contiguous()
 
 
