@@ -43,8 +43,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _launch(cfg, args)
 
 
-# What a run writes before its first step; all of it is rebuilt from the config and the data cache.
+# What a run writes before its first step; all of it is rebuilt from the config and the data cache (or, for
+# the heartbeat files, by the next run's ranks).
 _REBUILT_FILES = {"config.yaml", "launch_config.yaml", "tokenizer.model", "data.json"}
+_REBUILT_DIRS = {"heartbeats"}
 
 
 def _launch(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -63,7 +65,8 @@ def _launch(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def _holds_only_rebuilt_files(run_dir: Path) -> bool:
-    return all(path.is_dir() or path.name in _REBUILT_FILES for path in run_dir.rglob("*"))
+    return all(path.is_dir() or path.name in _REBUILT_FILES or path.parent.name in _REBUILT_DIRS
+               for path in run_dir.rglob("*"))
 
 
 def _start(cfg: config.Config, args: argparse.Namespace) -> int:
