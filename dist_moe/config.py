@@ -367,6 +367,8 @@ def validate(cfg: Config) -> None:
                               ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
             need(_get(cfg, key) == baseline, key,
                  f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
+        need(moe.drop_policy == "position", "moe.drop_policy",
+             "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:
