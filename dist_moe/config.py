@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dist_moe.errors import UserError
 
 
 DEFAULT_PRESET = "tiny"  # what `dist-moe train` runs without a preset
@@ -27,7 +28,7 @@ def _preset_dir() -> Path:
     return Path(str(files("dist_moe.presets")))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message is a single line naming the key."""
 
 
