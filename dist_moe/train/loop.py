@@ -163,7 +163,7 @@ def run(cfg: Config) -> dict:
         "unigram_entropy": prepared.unigram_entropy_nats,
     }
     if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_bytes_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         print(f"run dir: {run_dir}\nTensorBoard: dist-moe tensorboard {run_dir}", flush=True)
     if ctx.owns_process_group:  # only after a run completed: a failing rank's peers may still wait on the group
         destroy_process_group_at_exit()
