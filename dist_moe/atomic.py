@@ -1,7 +1,10 @@
 """Atomic file output: a file under its final name is always complete.
 
-Everything cached or written into a run dir goes through `atomic_output`, so a run killed mid-write
-leaves at most a hidden temp file behind, never a truncated tokenizer, shard or meta that looks valid.
+Every file written whole into a run dir or a data cache (config, summary, tokenizer, shards, meta, the
+checkpoints' `latest` pointer, a truncated metrics.jsonl) goes through `atomic_output`, so a run killed
+mid-write leaves at most a hidden temp file behind, never a truncated file that looks valid. Streams that
+grow (metrics.jsonl, rank logs, TensorBoard events) are appended to instead; a metrics line torn by a kill
+is skipped when it is read back.
 """
 
 from __future__ import annotations

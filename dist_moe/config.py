@@ -15,6 +15,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dist_moe.errors import UserError
 
 
 DEFAULT_PRESET = "tiny"  # what `dist-moe train` runs without a preset
@@ -27,7 +28,7 @@ def _preset_dir() -> Path:
     return Path(str(files("dist_moe.presets")))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message is a single line naming the key."""
 
 
@@ -395,6 +396,8 @@ def validate(cfg: Config) -> None:
                               ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
             need(_get(cfg, key) == baseline, key,
                  f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
+        need(moe.drop_policy == "position", "moe.drop_policy",
+             "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

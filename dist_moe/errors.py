@@ -1,5 +1,10 @@
 """The user-facing error convention: a known mistake is one line on stderr and exit code 2; a traceback
-only with --debug. Every entry point (the CLI, each worker process) runs through `run_guarded`."""
+only with --debug. Every entry point (the CLI, each worker process) runs through `run_guarded`.
+
+A known mistake is a `UserError`: each domain's error (ConfigError, DataError, JobError, AnalysisError,
+ScalingDataError) subclasses it in its own module, so this module imports nothing of dist_moe. CheckpointError
+is defined here because both train/checkpoint.py and train/portable_optimizer.py raise it.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,15 @@ import traceback
 from typing import Any, Callable
 
 
-def user_error_types() -> tuple[type[BaseException], ...]:
-    from dist_moe.analysis.expert_load import AnalysisError
-    from dist_moe.cluster.jobs import JobError
-    from dist_moe.config import ConfigError
-    from dist_moe.data import DataError
-    from dist_moe.scaling.results import ScalingDataError
-    from dist_moe.train.checkpoint import CheckpointError
+class UserError(Exception):
+    """A mistake the user can fix, said in one line that names the key, file or value and what was expected."""
 
-    return (AnalysisError, ConfigError, DataError, CheckpointError, JobError, ScalingDataError, FileNotFoundError, NotADirectoryError)
+
+class CheckpointError(UserError, RuntimeError):
+    """No usable checkpoint where one was expected, or one that cannot be read; the message names the path."""
+
+
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError)  # a missing path is the user's to fix too
 
 
 def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
@@ -24,7 +29,7 @@ def run_guarded(fn: Callable[[], Any], debug: bool = False) -> int:
     try:
         result = fn()
         return result if isinstance(result, int) else 0
-    except user_error_types() as exc:
+    except USER_ERRORS as exc:
         if debug:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

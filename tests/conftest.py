@@ -8,10 +8,8 @@ import pytest
 # still takes its PyTorch paths on CPU.
 import torch
 
-from dist_moe.accelerator import tell_deepspeed
-
-tell_deepspeed()
 if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_moe.analysis.plots import dropped_lines, layer_load_lines, load_heatmap, save_png
+from dist_moe.errors import UserError
 
 LOAD_RE = re.compile(r"^expert_load/layer_(\d+)/expert_(\d+)$")
 DROPPED_RE = re.compile(r"^routing/layer_(\d+)/dropped_fraction$")
@@ -22,7 +23,7 @@ REROUTED_RE = re.compile(r"^routing/layer_(\d+)/rerouted_fraction$")
 DEAD_FRACTION_OF_FAIR_SHARE = 0.1
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError, ValueError):
     """A run directory that cannot be analysed; the message is one line naming the path."""
 
 

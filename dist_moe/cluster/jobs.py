@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 
 from dist_moe import config
 from dist_moe.cluster.trainer import WORKER_ENV
+from dist_moe.errors import UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = ["runs/", ".venv/", ".git/", "__pycache__/"]  # never uploaded with the working dir
@@ -28,7 +29,7 @@ PROBE_TIMEOUT_S = (3.0, 10.0)  # (connect, read) for the reachability probe
 STOP_MARGIN_S = 30  # Ray's job stop timeout = cluster.stop_timeout_s + this (the driver's exit, Ray's shutdown)
 
 
-class JobError(RuntimeError):
+class JobError(UserError, RuntimeError):
     """A job-server problem the user can act on (address, job id, failed job); one line."""
 
 

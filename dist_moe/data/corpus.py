@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from dist_moe.errors import UserError
+
 STDLIB_SUFFIXES = (".py", ".txt", ".rst")
 TEXT_SUFFIXES = (
     ".txt", ".md", ".rst", ".tex", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".cu", ".rs", ".go",
@@ -32,7 +34,7 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "lib-dynlo
                      "encoded_modules"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user-facing data problem; the message is one line naming the path and what was expected."""
 
 

@@ -1,4 +1,1 @@
-"""The MoE transformer: a plain nn.Module; parallelism enters only through the MoE layers' EP group."""
-from dist_moe.accelerator import tell_deepspeed
-
-tell_deepspeed()  # before model.moe imports deepspeed
+"""The MoE transformer: plain PyTorch (no deepspeed); parallelism enters only through the MoE layers' EP group."""

@@ -1,8 +1,9 @@
 """The decoder-only MoE transformer, top to bottom in the order a token meets it.
 
 tokens -> embedding -> Block x L (RMSNorm -> GQA attention with RoPE; RMSNorm -> MoE or dense SwiGLU FFN)
--> RMSNorm -> LM head (tied with the embedding by default). The model knows nothing about parallelism
-except that MoE layers take this rank's expert-parallel group (None in one process).
+-> RMSNorm -> LM head (tied with the embedding by default). Plain PyTorch: the model knows nothing about
+parallelism except that MoE layers take this rank's expert-parallel group (None in one process); what
+DeepSpeed's engine needs of it is applied from outside (train/deepspeed_moe.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from dist_moe.config import Config, ConfigError, expert_width, is_moba_layer, is_moe_layer
 from dist_moe.model.attention import GroupedQueryAttention, KVCache
 from dist_moe.model.moe.experts import SwiGLU
-from dist_moe.model.moe.layer import build_moe_layer
+from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.rope import rope_cache
 
 
@@ -49,7 +50,7 @@ class Block(nn.Module):
         self.attn = GroupedQueryAttention(m, cfg.moba if is_moba_layer(cfg, layer_index) else None)
         self.ffn_norm = RMSNorm(m.d_model, m.norm_eps)
         self.is_moe = is_moe_layer(cfg, layer_index)
-        self.ffn = build_moe_layer(cfg, ep_group) if self.is_moe else SwiGLU(m.d_model, m.d_ff)
+        self.ffn = MoELayer(cfg, ep_group) if self.is_moe else SwiGLU(m.d_model, m.d_ff)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache)
@@ -112,8 +113,9 @@ def num_parameters(model: Transformer) -> tuple[int, int]:
     a rank holds only its own experts: total counts all experts, active only top_k of them per MoE layer.
     The tied embedding is counted once (as the LM head matmul it also is)."""
     cfg = model.cfg
-    dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
     per_expert = 3 * cfg.model.d_model * expert_width(cfg)
+    local_experts = sum(block.ffn.num_local_experts for block in model.blocks if block.is_moe)
+    dense = sum(p.numel() for p in model.parameters()) - local_experts * per_expert
     moe_layers = sum(block.is_moe for block in model.blocks)
     return (dense + moe_layers * cfg.moe.num_experts * per_expert,
             dense + moe_layers * cfg.moe.top_k * per_expert)

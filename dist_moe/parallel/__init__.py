@@ -1,4 +1,1 @@
-"""Expert-parallel groups, the all-to-all, and the DeepSpeed MoE contract (which imports deepspeed)."""
-from dist_moe.accelerator import tell_deepspeed
-
-tell_deepspeed()
+"""Expert-parallel process groups (from deepspeed.utils.groups), the all-to-all and the expert exchange."""

@@ -14,7 +14,6 @@ log L_hat = LSE(a - alpha log N - gamma log X, b - beta log D, e); gamma = 0 is 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import multiprocessing
 import os
@@ -23,14 +22,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from dist_moe.scaling.results import ScalingDataError
 
-try:  # optional until it is a declared dependency; see _one_blas_thread
-    from threadpoolctl import threadpool_limits
-except ImportError:
-    threadpool_limits = None
 
 HUBER_DELTA = 1e-3
 # Hoffmann et al.'s grid: alpha, beta in {0, .5, ..., 2}, e in {-1, -.5, ..., 1}, a, b in {0, 5, ..., 25}
@@ -133,7 +129,7 @@ def huber_objective(theta: np.ndarray, log_n, log_d, log_loss, log_x=None, delta
 def _one_blas_thread():
     """L-BFGS-B makes tiny BLAS calls that wake OpenBLAS's thread pool; its spinning threads double the
     CPU time, and beside other busy processes each call waits for a core (measured: 9x slower)."""
-    return threadpool_limits(1, user_api="blas") if threadpool_limits else contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _bounds(fixed: dict[str, float] | None, num_params: int) -> list[tuple] | None:
@@ -160,7 +156,7 @@ def _best_of_parallel(starts: np.ndarray, data: tuple, delta: float, workers: in
     """`_best_of` over `workers` spawned processes, each with single-threaded OpenBLAS.
 
     The children read OPENBLAS_NUM_THREADS when they import numpy/scipy, so it is set while the pool
-    starts them (this works without threadpoolctl, see _one_blas_thread). Spawn, not fork: the caller
+    starts them (threadpoolctl limits only the BLAS this process has loaded). Spawn, not fork: the caller
     may hold threads (Ray, torch) that fork would copy mid-flight.
     """
     chunks = np.array_split(starts, workers)

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dist_moe.errors import UserError
+
 COLUMNS = ("name", "num_experts", "n_total", "n_active", "tokens", "flops", "val_loss")
 REQUIRED = ("n_active", "tokens", "val_loss")
 EPOCH_COLUMNS = ("Model Size", "Training FLOP", "loss")
 
 
-class ScalingDataError(ValueError):
+class ScalingDataError(UserError, ValueError):
     """A user-facing problem with a results table or with fitting it; the message is one line."""
 
 

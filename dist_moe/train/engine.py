@@ -1,8 +1,10 @@
 """Process group, device and the DeepSpeed engine: everything that must happen before the first step.
 
 DeepSpeed owns the optimizer state, ZeRO partitioning, bf16, gradient accumulation and clipping, the LR
-schedule and the checkpoint files. dist_moe hands it a plain model, an AdamW whose parameter groups keep
-expert parameters apart (so ZeRO reduces them over the expert-data-parallel group) and a LambdaLR.
+schedule and the checkpoint files. dist_moe hands it the plain model with DeepSpeed's MoE contract applied
+(train/deepspeed_moe.py), an AdamW whose parameter groups keep expert parameters apart (so ZeRO reduces
+them over the expert-data-parallel group) and a LambdaLR. deepspeed is first imported in `init_distributed`,
+once the device is decided: DeepSpeed picks its accelerator at that import (DS_ACCELERATOR).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import timedelta
 import torch
 
 from dist_moe.config import Config, check_world_size, deepspeed_config
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 
 @dataclass
@@ -70,7 +73,9 @@ def process_group_timeout(cfg: Config) -> timedelta:
 def init_distributed(cfg: Config) -> DistContext:
     """Join (or create) the process group: env:// under --nproc, Ray's group under Ray Train, else 1 rank.
 
-    DS_ACCELERATOR must be set before deepspeed is first imported, so that import happens here.
+    The first import of deepspeed in a run happens here, after DS_ACCELERATOR is set for train.device=cpu
+    (also on a machine with GPUs; a DS_ACCELERATOR set by the user wins). Nothing imported before it
+    imports deepspeed: tests/train/test_deepspeed_import.py checks that.
     """
     device_type = pick_device_type(cfg)
     if device_type == "cpu":
@@ -138,10 +143,12 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list[
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, ctx: DistContext):
-    """deepspeed.initialize with our AdamW + LambdaLR; returns the DeepSpeedEngine."""
+    """Apply DeepSpeed's MoE contract to model (in place), then deepspeed.initialize with our AdamW + LambdaLR;
+    returns the DeepSpeedEngine (engine.module is the model)."""
     import deepspeed
 
     t = cfg.train
+    model = apply_deepspeed_moe(model, cfg)
     model.to(ctx.device)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr,
                                   betas=(t.beta1, t.beta2), eps=1e-8, fused=True)  # one pass, not ~10

@@ -1,4 +1,4 @@
-"""FLOPs per token and model FLOPs utilisation (MFU), counted the way ../BENCHMARKS.md says.
+"""FLOPs per token and model FLOPs utilisation (MFU), counted as in PaLM (Chowdhery et al. 2022, appendix B).
 
 Training FLOPs per token = 6 * N_active + 12 * L * d_attn * S: the weight matmuls forward and backward,
 plus the attention score and value matmuls with causal attention counted in full (the customary PaLM

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import Config, to_yaml
 from dist_moe.train.engine import free_port
 from dist_moe.train.heartbeat import HANG_EXIT_CODE
@@ -24,7 +25,7 @@ def launch_local(cfg: Config, nproc: int, debug: bool = False) -> int:
     run_dir = Path(cfg.run_dir)
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "launch_config.yaml"
-    config_path.write_text(to_yaml(cfg))
+    write_bytes_atomic(config_path, to_yaml(cfg).encode())
     port = free_port()
     procs, logs = [], []
     for rank in range(nproc):

@@ -168,7 +168,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
     }
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # strict
     if ctx.is_main:  # JSON: a diverged run's NaN loss is null
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        write_bytes_atomic(run_dir / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
         print(f"run dir: {run_dir}\nTensorBoard: dist-moe tensorboard {run_dir}", flush=True)
     if ctx.owns_process_group:  # only after a run completed: a failing rank's peers may still wait on the group
         destroy_process_group_at_exit()

@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from dist_moe.atomic import write_bytes_atomic
+
 
 class Metrics:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True, start_step: int = 0):
@@ -61,6 +63,4 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError):
             continue  # a line torn by a kill mid-write
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_bytes_atomic(path, "".join(line + "\n" for line in kept).encode())

@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dist_moe.config import Config
-from dist_moe.model.moe.layer import MoELayer, build_moe_layer
+from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.parallel.groups import expert_data_parallel_group, expert_parallel_group
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 D = 16
 
@@ -184,7 +185,7 @@ class TinyMoEModel(torch.nn.Module):
     def __init__(self, cfg: Config, ep_group):
         super().__init__()
         self.inp = torch.nn.Linear(D, D)
-        self.moe = build_moe_layer(cfg, ep_group)
+        self.moe = MoELayer(cfg, ep_group)
         self.out = torch.nn.Linear(D, D)
 
     def forward(self, x):
@@ -204,7 +205,7 @@ def deepspeed_engine(cfg: Config, zero_stage: int = 2, clip: float = 0.0):
     from dist_moe.train.engine import optimizer_param_groups
 
     torch.manual_seed(0)
-    model = TinyMoEModel(cfg, expert_parallel_group(cfg.moe.ep_size))
+    model = apply_deepspeed_moe(TinyMoEModel(cfg, expert_parallel_group(cfg.moe.ep_size)), cfg)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=1e-2)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
                  "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,

@@ -3,6 +3,7 @@ import torch
 
 from dist_moe.config import load_config
 from dist_moe.model.transformer import Transformer, generate, num_parameters
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 
 def tiny(*overrides):
@@ -47,7 +48,7 @@ def test_tied_embeddings_share_storage_and_backward_reaches_every_parameter():
 @pytest.mark.parametrize("shared_expert", [False, True])
 def test_parameter_counts_by_hand(impl, shared_expert):
     cfg = tiny("moe.moe_every=2", f"moe.impl={impl}", f"moe.shared_expert={shared_expert}")  # layer 1 is MoE
-    model = Transformer(cfg)
+    model = apply_deepspeed_moe(Transformer(cfg), cfg)  # as the engine gets it: DeepSpeed's layer for impl=deepspeed
     d, V, hd, dff, f, E, k = 32, 97, 8, 48, 40, 4, cfg.moe.top_k
     attention = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d  # wq, wk, wv, wo
     norms = 2 * d * 2 + d
@@ -55,8 +56,9 @@ def test_parameter_counts_by_hand(impl, shared_expert):
     router = d * E
     shared = V * d + 2 * attention + norms + dense_ffn + router + shared_expert * 3 * d * f  # always active
     assert num_parameters(model) == (shared + E * 3 * d * f, shared + k * 3 * d * f)
-    untied = Transformer(tiny("moe.moe_every=2", f"moe.impl={impl}", f"moe.shared_expert={shared_expert}",
-                              "model.tie_embeddings=false"))
+    untied_cfg = tiny("moe.moe_every=2", f"moe.impl={impl}", f"moe.shared_expert={shared_expert}",
+                      "model.tie_embeddings=false")
+    untied = apply_deepspeed_moe(Transformer(untied_cfg), untied_cfg)
     assert num_parameters(untied)[0] == num_parameters(model)[0] + V * d
 
 

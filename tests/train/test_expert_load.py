@@ -27,6 +27,7 @@ from dist_moe.analysis.plots import HEATMAP_DPI, heatmap_figsize
 from dist_moe.config import Config
 from dist_moe.model.moe.layer import MoEStats
 from dist_moe.model.transformer import Transformer
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 from dist_moe.train.expert_load import STATS, ExpertLoadTracker
 
 E = 4
@@ -153,7 +154,7 @@ def test_load_drops_and_router_stats_equal_a_naive_recount_of_real_routing(tmp_p
     drop order, recounted from the router's own logits; entropy and top-1 from the same probabilities."""
     torch.manual_seed(3)
     cfg = tiny_config(capacity_factor=0.5, impl=impl)
-    model = Transformer(cfg).train()
+    model = apply_deepspeed_moe(Transformer(cfg), cfg).train()  # DeepSpeed's own layer for impl=deepspeed
     tracker = ExpertLoadTracker(model, E)
     inputs = {i: [] for i in range(2)}
     for i, block in enumerate(model.blocks):

@@ -18,8 +18,10 @@ drop decision therefore does not depend on how experts are spread over ranks. Tw
 `route` gives every one of the k*T assignments a row, kept ones first (by expert), dropped ones after
 them, so every size is static and nothing waits on the host: this is the single-GPU hot path. On CUDA,
 drop_policy="position" runs as three Triton kernels (`kernels/moe_router.py: fused_route`), which must
-give the same plan as the PyTorch code below bit for bit. `dispatch` is the compacted view (kept rows
-only, as the all-to-all sends them); its row count costs one host sync.
+give the same plan as the PyTorch code below bit for bit. The plan also moves the rows: `permute` gathers
+them from the tokens and `combine` sums the experts' outputs back (kernels/moe_permute.py, Triton on
+CUDA). `dispatch` is a compacted view of a plan (kept rows only, one host sync) that the tests compare
+against DeepSpeed's gating; the layer does not use it.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from dist_moe.kernels.moe_permute import combine, permute
 from dist_moe.kernels.moe_router import fused_route
 
 
@@ -70,6 +73,14 @@ class Routing:
         index = torch.where(self.row_index >= 0, self.row_index, num_rows).flatten()
         spare = self.combine_weights.new_zeros(num_rows + 1)
         return spare.scatter(0, index, self.combine_weights.flatten())[:num_rows]
+
+    def permute(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (T, D) -> rows (R, D) = tokens[token_index]: kept rows by expert, then the dropped ones."""
+        return permute(tokens, self.token_index, self.row_index)
+
+    def combine(self, rows: torch.Tensor) -> torch.Tensor:
+        """Expert outputs (R, D) in plan order -> (T, D): each token's gate-weighted sum over its kept rows."""
+        return combine(rows, self.row_index, self.combine_weights)
 
 
 def route(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: Optional[int],
@@ -196,7 +207,8 @@ def expert_choice_route(scores: torch.Tensor, selection: torch.Tensor, capacity:
 
 @dataclass
 class Dispatch:
-    """The kept rows of a Routing, compacted: N = kept assignments, ordered by expert then priority.
+    """The kept rows of a Routing, compacted (for comparing plans in tests): N = kept assignments, ordered by
+    expert then priority.
 
     token_index (N,) int64: source token of each kept assignment; rows `x[token_index]` are expert-ordered.
     combine_weights (N,) fp32: gate weight of each kept assignment.

@@ -1,17 +1,18 @@
 import pytest
 import torch
 
-from dist_moe.model.moe.experts import SwiGLUExperts, grouped_mm
+from dist_moe.kernels.expert_gemm import grouped_mm
+from dist_moe.model.moe.experts import SwiGLUExperts
 
 
 def test_expert_weights_do_not_depend_on_the_ep_size():
     torch.manual_seed(0)
-    full = SwiGLUExperts(8, 8, 0, 12, 20, ep_size=1)
+    full = SwiGLUExperts(8, 8, 0, 12, 20)
     full.reset_parameters(0.1)
     for ep_size in (2, 4):
         for ep_rank in range(ep_size):
             torch.manual_seed(0)
-            local = SwiGLUExperts(8, 8 // ep_size, ep_rank * 8 // ep_size, 12, 20, ep_size=ep_size)
+            local = SwiGLUExperts(8, 8 // ep_size, ep_rank * 8 // ep_size, 12, 20)
             local.reset_parameters(0.1)
             first = ep_rank * 8 // ep_size
             for name in ("w13", "w2"):
@@ -19,7 +20,12 @@ def test_expert_weights_do_not_depend_on_the_ep_size():
 
 
 def test_expert_parameters_carry_deepspeed_moe_marks():
-    experts = SwiGLUExperts(8, 2, 4, 12, 20, ep_size=4)
+    from types import SimpleNamespace
+
+    from dist_moe.train.deepspeed_moe import mark_expert_parameters
+
+    experts = SwiGLUExperts(8, 2, 4, 12, 20)
+    mark_expert_parameters(SimpleNamespace(experts=experts, ep_size=4))
     assert all(p.allreduce is False and p.group_name == "ep_size_4" for p in experts.parameters())
 
 
@@ -33,7 +39,7 @@ def test_grouped_mm_multiplies_each_segment_by_its_expert():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch._grouped_mm path runs on CUDA (bf16)")
 def test_cuda_grouped_mm_path_equals_fp32_loop_forward_and_backward():
     torch.manual_seed(0)
-    experts = SwiGLUExperts(8, 8, 0, 128, 256, ep_size=1).cuda()
+    experts = SwiGLUExperts(8, 8, 0, 128, 256).cuda()
     experts.reset_parameters(0.05)
     counts = torch.tensor([0, 0, 100, 1, 7, 0, 33, 2], device="cuda")
     x = torch.randn(int(counts.sum()), 128, device="cuda")
@@ -69,9 +75,9 @@ def test_cuda_routed_experts_equal_the_fp32_cpu_path(dropless, monkeypatch):
 
     torch.manual_seed(1)
     T, E, k, D, F_ = 300, 8, 2, 128, 256
-    cpu = SwiGLUExperts(E, E, 0, D, F_, ep_size=1)
+    cpu = SwiGLUExperts(E, E, 0, D, F_)
     cpu.reset_parameters(0.05)
-    gpu = SwiGLUExperts(E, E, 0, D, F_, ep_size=1).cuda().bfloat16()
+    gpu = SwiGLUExperts(E, E, 0, D, F_).cuda().bfloat16()
     gpu.load_state_dict(cpu.state_dict())
     cpu.load_state_dict({n: p.bfloat16().float() for n, p in cpu.state_dict().items()})  # the same rounded weights
     x = torch.randn(T, D).bfloat16().float()
@@ -97,8 +103,8 @@ def test_cuda_routed_experts_equal_the_fp32_cpu_path(dropless, monkeypatch):
 def test_weight_gradient_kernel_is_chosen_once_per_shape_and_both_choices_agree():
     """On Hopper with Triton 3.6 the experts time the Gluon weight-gradient kernel against torch._grouped_mm once
     per shape and keep the faster; whichever is kept, the gradient is the float64 one."""
+    from dist_moe.kernels import expert_gemm as experts
     from dist_moe.kernels import grouped_gemm
-    from dist_moe.model.moe import experts
 
     if not (torch.cuda.is_available() and grouped_gemm.GLUON and torch.cuda.get_device_capability()[0] == 9):
         pytest.skip("the Gluon weight-gradient kernel runs on Hopper with Triton 3.6")

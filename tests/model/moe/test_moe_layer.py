@@ -3,8 +3,15 @@ import torch
 from deepspeed.moe.sharded_moe import _capacity
 from moe_reference import naive_moe
 
-from dist_moe.config import Config, ConfigError
-from dist_moe.model.moe.layer import DeepSpeedMoE, MoELayer, build_moe_layer
+from dist_moe.config import Config, ConfigError, validate
+from dist_moe.model.moe.layer import MoELayer
+from dist_moe.train.deepspeed_baseline import DeepSpeedMoE
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
+
+
+def build_moe_layer(cfg: Config, ep_group) -> torch.nn.Module:
+    """The layer for moe.impl as DeepSpeed's engine gets it."""
+    return apply_deepspeed_moe(MoELayer(cfg, ep_group), cfg)
 
 
 def small_config(**moe) -> Config:
@@ -144,11 +151,11 @@ def test_deepspeed_impl_matches_dist_moe_from_the_same_seed(top_k, factor):
 
 def test_checkpoint_keys_load_across_implementations():
     cfg = small_config()
-    ours = MoELayer(cfg, None)
+    ours = build_moe_layer(cfg, None)
     cfg.moe.impl = "deepspeed"
     theirs = build_moe_layer(cfg, None)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    fresh = MoELayer(small_config(), None)
+    fresh = build_moe_layer(small_config(), None)
     fresh.load_state_dict(theirs.state_dict(), strict=True)
     for p, q in zip(fresh.parameters(), ours.parameters()):
         assert torch.equal(p, q)
@@ -157,7 +164,7 @@ def test_checkpoint_keys_load_across_implementations():
 
 def test_deepspeed_impl_rejects_drop_by_probs():
     with pytest.raises(ConfigError, match="moe.drop_policy"):
-        build_moe_layer(small_config(impl="deepspeed", drop_policy="probs"), None)
+        validate(small_config(impl="deepspeed", drop_policy="probs"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused router and routing plan run on CUDA")
