@@ -24,10 +24,22 @@ WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 def _worker(loop_config: dict) -> None:
     """No ray.train.report: the run dir holds the results (summary.json), and Ray Train logged each report
     as a TrainingReport(...) dump per rank."""
-    from dist_moe.config import from_yaml
+    import ray
+    import ray.train
+
+    from dist_moe.config import fit_to_workers, from_yaml
     from dist_moe.train.loop import run
 
-    run(from_yaml(loop_config["config_yaml"]))
+    cfg = from_yaml(loop_config["config_yaml"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    print(f"rank {rank} of {world_size} on node {ray.util.get_node_ip_address()}", flush=True)
+    fitted = fit_to_workers(cfg, world_size)
+    if fitted is not cfg and rank == 0:
+        print(f"elastic: {world_size} of {cfg.cluster.num_workers} workers; micro batch "
+              f"{cfg.train.micro_batch_size} -> {fitted.train.micro_batch_size}, "
+              f"EP {cfg.moe.ep_size} -> {fitted.moe.ep_size}", flush=True)
+    run(fitted)
 
 
 def init_ray(address: str) -> None:
@@ -49,9 +61,19 @@ def init_ray(address: str) -> None:
                  num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
 
 
+def scaling_config(cfg: Config):
+    """Fixed size, or elastic between cluster.min_workers and num_workers (Ray Train V2: after a failure the
+    group restarts on the workers the cluster can place now; every resize_check_s it grows if it can)."""
+    from ray.train import ScalingConfig
+
+    c = cfg.cluster
+    return ScalingConfig(num_workers=(c.min_workers, c.num_workers) if c.min_workers else c.num_workers,
+                         use_gpu=c.use_gpu, elastic_resize_monitor_interval_s=c.resize_check_s)
+
+
 def train_on_ray(cfg: Config) -> int:
     init_ray(cfg.cluster.address)  # first: it sets what Ray reads when imported
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = Path(cfg.run_dir).resolve()
@@ -61,7 +83,7 @@ def train_on_ray(cfg: Config) -> int:
         _worker,
         train_loop_config={"config_yaml": to_yaml(resumable)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )

@@ -1,0 +1,101 @@
+"""Multi-node Ray on one machine (network namespaces, see netns_cluster.py): a `dist-moe submit` job whose
+expert-parallel group spans two nodes, and a node killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from netns_cluster import NetnsCluster, netns_unavailable
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["data.max_corpus_mb=2", "data.tokenizer_sample_mb=1", "data.vocab_size=512", "data.seq_len=64",
+         "model.d_model=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "model.d_ff=128",
+         "moe.num_experts=4", "moe.d_expert=128", "train.micro_batch_size=8", "log.every=1",
+         "cluster.num_workers=2", "moe.ep_size=2", "train.zero_stage=2", "train.max_steps=12", "ckpt.every=3"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(f"netns cluster: {reason}")
+    nodes = NetnsCluster(num_nodes=3, cpus_per_node=1)  # head (no CPUs) + two 1-CPU nodes: one worker each
+    try:
+        yield nodes.start()
+    finally:
+        nodes.close()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def dist_moe(cluster: NetnsCluster, *args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI run inside the head's namespace, where the cluster's addresses are reachable."""
+    return cluster.exec([sys.executable, "-m", "dist_moe.cli", *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=cwd)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "train/loss" in row]
+
+
+def rank_nodes(logs: str) -> dict[int, str]:
+    return {int(rank): ip for rank, ip in re.findall(r"rank (\d+) of \d+ on node (\d+\.\d+\.\d+\.\d+)", logs)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, cache, tmp_path_factory):
+    """The reference run: two workers, one per node, EP=2 across the nodes."""
+    work = tmp_path_factory.mktemp("uninterrupted")
+    run_dir = work / "run"
+    result = dist_moe(cluster, "submit", "--address", cluster.address, *SMALL, f"run_dir={run_dir}",
+                      f"data.cache_dir={cache}", cwd=work)
+    return run_dir, result
+
+
+def test_submit_spreads_workers_over_nodes_with_ep_across_them(cluster, uninterrupted):
+    run_dir, result = uninterrupted
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 rank(s)" in result.stdout and "EP=2" in result.stdout
+    assert sorted(rank_nodes(result.stdout).values()) == sorted(cluster.ips[1:])  # one rank on each worker node
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000012"
+    assert [row["step"] for row in metrics_rows(run_dir)] == list(range(1, 13))
+
+
+def test_killed_node_restarts_from_checkpoint_and_continues_on_fewer_workers(cluster, cache, uninterrupted,
+                                                                             tmp_path):
+    run_dir = tmp_path / "run"
+    result = dist_moe(cluster, "submit", "--address", cluster.address, "--no-wait", *SMALL, "cluster.min_workers=1",
+                      "cluster.max_failures=3", f"run_dir={run_dir}", f"data.cache_dir={cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+)", result.stdout).group(1)
+    deadline = time.time() + 400
+    while time.time() < deadline:  # a checkpoint (step 3) and a step past it
+        if (run_dir / "metrics.jsonl").exists() and len(metrics_rows(run_dir)) >= 4:
+            break
+        time.sleep(0.5)
+    cluster.kill_node(2)
+    while time.time() < deadline:
+        status = dist_moe(cluster, "status", "--address", cluster.address, job_id, cwd=tmp_path).stdout
+        if any(word in status for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(2)
+    logs = dist_moe(cluster, "logs", "--address", cluster.address, job_id, cwd=tmp_path).stdout
+    print(logs[-6000:])
+    assert "SUCCEEDED" in status, logs[-4000:]
+    assert "elastic: 1 of 2 workers; micro batch 8 -> 16, EP 2 -> 1" in logs and "resumed from" in logs
+    rows = metrics_rows(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 13))  # no step missing or repeated
+    reference = metrics_rows(uninterrupted[0])
+    print("final loss", rows[-1]["train/loss"], "uninterrupted", reference[-1]["train/loss"])
