@@ -52,8 +52,10 @@ def say(ctx: DistContext, message: str) -> None:
         print(message, flush=True)
 
 
-def run(cfg: Config) -> dict:
-    """Train cfg.train.max_steps optimizer steps (continuing from a checkpoint if cfg.resume=auto)."""
+def run(cfg: Config, grow=None) -> dict:
+    """Train cfg.train.max_steps optimizer steps (continuing from a checkpoint if cfg.resume=auto). `grow`
+    (elastic Ray runs, cluster.trainer.GrowBack) says when a larger worker group can start: the loop then
+    saves and waits for Ray Train to restart the group from that checkpoint."""
     stop = StopRequest()
     ctx = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
@@ -151,6 +153,11 @@ def run(cfg: Config) -> dict:
             say(ctx, f"stop requested: saving step {step} and exiting")
             stopped_early = True
             break
+        if grow is not None and step < cfg.train.max_steps and grow.pending(ctx):
+            say(ctx, f"more workers can start: saving step {step} before Ray Train resizes the worker group")
+            if not (cfg.ckpt.every and step % cfg.ckpt.every == 0):  # else saved just above
+                save(step)
+            grow.wait()
 
     save(step)
     metrics.close()

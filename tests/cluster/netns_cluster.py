@@ -70,7 +70,7 @@ class NetnsCluster:
         bindir = str(Path(sys.executable).parent)
         self.env["PATH"] = ":".join(filter(None, [path_prefix, bindir, self.env["PATH"]]))
         # Ray's token auth, with a token of this cluster's own (a ~/.ray/auth_token would turn it on anyway)
-        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, GLOO_SOCKET_IFNAME="eth0",
+        self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, GLOO_SOCKET_IFNAME="eth0", RAY_DEDUP_LOGS="0",
                         RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
         self.ray = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # `ray`, this venv's
         self.procs: dict[int, subprocess.Popen] = {}
@@ -165,11 +165,6 @@ class NetnsCluster:
         if node in self.procs:
             self.procs.pop(node).wait()
 
-    def restart_node(self, node: int, timeout_s: float = 180) -> None:
-        """The node comes back: a fresh Ray worker node in the same namespace joins the head."""
-        assert node != 0
-        self.wait_for(self._start_node(node), timeout_s, f"node {node} to rejoin")
-
     def wait_for(self, condition, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
@@ -202,10 +197,13 @@ def main() -> None:
     if reason:
         sys.exit(f"netns cluster: {reason}")
     cluster = NetnsCluster(args.nodes, args.cpus_per_node).start()
-    print(f"{args.nodes} nodes up: head {cluster.names[0]} at {cluster.ips[0]}, workers "
+    head = cluster.names[0]
+    print(f"{args.nodes} nodes up: head {head} at {cluster.ips[0]}, workers "
           + ", ".join(f"{n} at {ip}" for n, ip in zip(cluster.names[1:], cluster.ips[1:])))
-    print(f"submit from the head's namespace:\n  ip netns exec {cluster.names[0]} dist-moe submit "
-          f"--address {cluster.address} tiny run_dir=/tmp/run cluster.num_workers={args.nodes - 1} ...")
+    print(f"submit from the head's namespace, with this cluster's environment:\n"
+          f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.env['RAY_AUTH_TOKEN']} GLOO_SOCKET_IFNAME=eth0\n"
+          f"  ip netns exec {head} dist-moe submit --address {cluster.address} tiny run_dir=/tmp/run "
+          f"cluster.num_workers={args.nodes - 1} ...")
     print(f"kill a node:  ip netns pids {cluster.names[-1]} | xargs kill -9\nCtrl-C tears everything down.",
           flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
