@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from dist_moe.config import ClusterConfig, Config, to_yaml
 
@@ -40,32 +41,36 @@ def _worker(loop_config: dict) -> None:
         print(f"elastic: {world_size} of {cfg.cluster.num_workers} workers; micro batch "
               f"{cfg.train.micro_batch_size} -> {fitted.train.micro_batch_size}, "
               f"EP {cfg.moe.ep_size} -> {fitted.moe.ep_size}", flush=True)
-    run(fitted, GrowBack(cfg.cluster, world_size) if cfg.cluster.min_workers else None)
+    grow = GrowBack(cfg.cluster, world_size, ray.available_resources) if cfg.cluster.min_workers else None
+    run(fitted, grow)
 
 
 class GrowBack:
-    """Elastic runs below cluster.num_workers: rank 0 asks Ray whether a free CPU for one more worker has
-    appeared (a node came back), all ranks agree, and the loop saves before Ray Train's resize (checked every
-    cluster.resize_check_s) kills the group; it restarts larger from that checkpoint, so no step is lost."""
+    """Elastic runs below cluster.num_workers: rank 0 asks Ray whether room for one more worker (a free CPU,
+    or GPU with cluster.use_gpu: what Ray Train gives each worker) has appeared, all ranks agree, and the loop
+    saves before Ray Train's resize (checked every cluster.resize_check_s) kills the group; the group
+    restarts larger from that checkpoint, so no step is lost."""
 
-    def __init__(self, cluster: ClusterConfig, world_size: int):
+    def __init__(self, cluster: ClusterConfig, world_size: int, available_resources: Callable[[], dict]):
+        self.available_resources = available_resources  # ray.available_resources
         self.interval_s = cluster.resize_check_s
         self.can_grow = world_size < cluster.num_workers
+        self.resource = "GPU" if cluster.use_gpu else "CPU"
         self.next_check = 0.0
 
     def pending(self, ctx) -> bool:
-        import ray
         import torch
 
         if not self.can_grow:
             return False
-        room = ctx.is_main and time.monotonic() >= self.next_check and ray.available_resources().get("CPU", 0) >= 1
+        room = (ctx.is_main and time.monotonic() >= self.next_check
+                and self.available_resources().get(self.resource, 0) >= 1)
         flag = torch.tensor([int(room)], device=ctx.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def wait(self) -> None:
-        """Ray Train resizes within one check interval; if it has not after two (the CPU went to something
+        """Ray Train resizes within one check interval; if it has not after two (the room went to something
         else), train on and look again after another two."""
         time.sleep(2 * self.interval_s)
         self.next_check = time.monotonic() + 2 * self.interval_s
