@@ -21,7 +21,7 @@ SMALL = ["data.max_corpus_mb=2", "data.tokenizer_sample_mb=1", "data.vocab_size=
          "moe.num_experts=4", "moe.d_expert=128", "train.micro_batch_size=8", "log.every=1",
          "cluster.num_workers=2", "moe.ep_size=2", "train.zero_stage=2", "train.max_steps=12", "ckpt.every=3"]
 STEPS = 12
-TOLERANCE = 1e-3  # |loss - uninterrupted loss| per step after re-sharding 2 -> 1 worker (measured: 2.5e-4)
+TOLERANCE = 1e-3  # |loss - uninterrupted loss| per step after re-sharding 2 -> 1 worker (measured: at most 2.8e-4 in 3 runs)
 
 
 @pytest.fixture(scope="module")
