@@ -8,6 +8,7 @@ naming the key and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -168,6 +169,8 @@ class ClusterConfig:
                                       "is a hang: the stopped ranks are named and the run exits or restarts")
     stop_timeout_s: int = _f(300, "seconds a stopped Ray run (SIGTERM/SIGINT, `dist-moe stop`) may take to "
                                   "save before it is killed; submit sets Ray's job stop timeout above it")
+    min_workers: int = _f(0, "elastic: continue on as few as this many workers when nodes are lost (0 = off)")
+    resize_check_s: float = _f(60.0, "elastic: seconds between Ray Train's checks for nodes that came back")
 
 
 @dataclass
@@ -389,6 +392,13 @@ def validate(cfg: Config) -> None:
         need(0 <= cfg.moba.full_attention_last_layers <= m.num_layers, "moba.full_attention_last_layers",
              f"between 0 and model.num_layers={m.num_layers}")
         need(m.attention_window == 0, "model.attention_window", "0 with model.attention=moba")
+    c = cfg.cluster
+    need(0 <= c.min_workers <= c.num_workers, "cluster.min_workers", f"0 (off) to cluster.num_workers={c.num_workers}")
+    global_micro_batch = t.micro_batch_size * c.num_workers
+    need(all(global_micro_batch % n == 0 for n in range(c.min_workers or c.num_workers, c.num_workers + 1)),
+         "cluster.min_workers", f"a worker count from which every count up to cluster.num_workers divides the "
+                                f"global micro batch train.micro_batch_size * cluster.num_workers = {global_micro_batch}")
+    need(c.resize_check_s > 0, "cluster.resize_check_s", "a positive interval")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
@@ -398,6 +408,17 @@ def validate(cfg: Config) -> None:
                  f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
         need(moe.drop_policy == "position", "moe.drop_policy",
              "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
+
+
+def fit_to_workers(cfg: Config, num_workers: int) -> Config:
+    """The config an elastic Ray run trains with on `num_workers` of its cluster.num_workers: the micro batch
+    grows so the global batch (and every step's data) stays the same, and the EP size shrinks to the largest
+    divisor of both moe.ep_size and the worker count. validate() guarantees the division is exact."""
+    if num_workers == cfg.cluster.num_workers:
+        return cfg
+    micro_batch = cfg.train.micro_batch_size * cfg.cluster.num_workers // num_workers
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro_batch),
+                               moe=dataclasses.replace(cfg.moe, ep_size=math.gcd(cfg.moe.ep_size, num_workers)))
 
 
 def check_world_size(cfg: Config, world_size: int) -> None:

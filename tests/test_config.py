@@ -141,3 +141,25 @@ def test_old_run_config_is_read_with_new_names_and_old_yarn_is_refused(tmp_path)
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="earlier YaRN"):
         from_yaml(path.read_text())
+
+
+def test_elastic_worker_counts_keep_the_global_batch_and_ep_follows():
+    cfg = load_config("tiny", ["cluster.num_workers=4", "moe.ep_size=4", "train.micro_batch_size=6",
+                               "cluster.min_workers=2"])
+    for workers, micro_batch, ep_size in [(4, 6, 4), (3, 8, 1), (2, 12, 2)]:
+        fitted = config.fit_to_workers(cfg, workers)
+        assert (fitted.train.micro_batch_size, fitted.moe.ep_size) == (micro_batch, ep_size)
+        config.check_world_size(fitted, workers)
+        assert fitted.cluster == cfg.cluster and fitted.model == cfg.model  # only the layout changes
+    assert cfg.train.micro_batch_size == 6 and cfg.moe.ep_size == 4  # the original is left as it was
+
+
+def test_elastic_range_with_a_count_that_cannot_keep_the_global_batch_is_refused():
+    # 4 workers x 8 = 32 sequences: 3 workers cannot share them evenly, so min_workers=3 or lower is refused
+    with pytest.raises(ConfigError, match="'cluster.min_workers' = 3: expected a worker count from which every "
+                                          "count up to cluster.num_workers divides the global micro batch .* 32"):
+        load_config("tiny", ["cluster.num_workers=4", "train.micro_batch_size=8", "cluster.min_workers=3"])
+    assert load_config("tiny", ["cluster.num_workers=4", "train.micro_batch_size=8",
+                                "cluster.min_workers=4"]).cluster.min_workers == 4
+    with pytest.raises(ConfigError, match="'cluster.min_workers' = 5: expected 0 .off. to cluster.num_workers=4"):
+        load_config("tiny", ["cluster.num_workers=4", "cluster.min_workers=5"])

@@ -20,8 +20,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
-from dist_moe.config import Config, to_yaml
+from dist_moe.config import ClusterConfig, Config, to_yaml
 
 # Ray Train (2.60) patches print() in its workers to log each line as well as write it, and Ray forwards
 # both to the driver: every worker line came out twice. Turned off for the workers we start.
@@ -32,10 +33,54 @@ STOP_FILE = "STOP"  # in the run dir: asks the workers to save the current step 
 def _worker(loop_config: dict) -> None:
     """No ray.train.report: the run dir holds the results (summary.json), and Ray Train logged each report
     as a TrainingReport(...) dump per rank."""
-    from dist_moe.config import from_yaml
+    import ray
+    import ray.train
+
+    from dist_moe.config import fit_to_workers, from_yaml
     from dist_moe.train.loop import run
 
-    run(from_yaml(loop_config["config_yaml"]), stop_file=Path(loop_config["stop_file"]))
+    cfg = from_yaml(loop_config["config_yaml"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    print(f"rank {rank} of {world_size} on node {ray.util.get_node_ip_address()}", flush=True)
+    fitted = fit_to_workers(cfg, world_size)
+    if fitted is not cfg and rank == 0:
+        print(f"elastic: {world_size} of {cfg.cluster.num_workers} workers; micro batch "
+              f"{cfg.train.micro_batch_size} -> {fitted.train.micro_batch_size}, "
+              f"EP {cfg.moe.ep_size} -> {fitted.moe.ep_size}", flush=True)
+    grow = GrowBack(cfg.cluster, world_size, ray.available_resources) if cfg.cluster.min_workers else None
+    run(fitted, grow, stop_file=Path(loop_config["stop_file"]))
+
+
+class GrowBack:
+    """Elastic runs below cluster.num_workers: rank 0 asks Ray whether room for one more worker (a free CPU,
+    or GPU with cluster.use_gpu: what Ray Train gives each worker) has appeared, all ranks agree, and the loop
+    saves before Ray Train's resize (checked every cluster.resize_check_s) kills the group; the group
+    restarts larger from that checkpoint, so no step is lost."""
+
+    def __init__(self, cluster: ClusterConfig, world_size: int, available_resources: Callable[[], dict]):
+        self.available_resources = available_resources  # ray.available_resources
+        self.interval_s = cluster.resize_check_s
+        self.can_grow = world_size < cluster.num_workers
+        self.resource = "GPU" if cluster.use_gpu else "CPU"
+        self.next_check = 0.0
+
+    def pending(self, ctx) -> bool:
+        import torch
+
+        if not self.can_grow:
+            return False
+        room = (ctx.is_main and time.monotonic() >= self.next_check
+                and self.available_resources().get(self.resource, 0) >= 1)
+        flag = torch.tensor([int(room)], device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def wait(self) -> None:
+        """Ray Train resizes within one check interval; if it has not after two (the room went to something
+        else), train on and look again after another two."""
+        time.sleep(2 * self.interval_s)
+        self.next_check = time.monotonic() + 2 * self.interval_s
 
 
 def init_ray(address: str) -> None:
@@ -57,9 +102,19 @@ def init_ray(address: str) -> None:
                  num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
 
 
+def scaling_config(cfg: Config):
+    """Fixed size, or elastic between cluster.min_workers and num_workers (Ray Train V2: after a failure the
+    group restarts on the workers the cluster can place now; every resize_check_s it grows if it can)."""
+    from ray.train import ScalingConfig
+
+    c = cfg.cluster
+    return ScalingConfig(num_workers=(c.min_workers, c.num_workers) if c.min_workers else c.num_workers,
+                         use_gpu=c.use_gpu, elastic_resize_monitor_interval_s=c.resize_check_s)
+
+
 def train_on_ray(cfg: Config) -> int:
     init_ray(cfg.cluster.address)  # first: it sets what Ray reads when imported
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dist_moe.train.engine import process_group_timeout
@@ -74,7 +129,7 @@ def train_on_ray(cfg: Config) -> int:
         train_loop_config={"config_yaml": to_yaml(resumable), "stop_file": str(stop_file)},
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo",
                                  timeout_s=int(process_group_timeout(cfg).total_seconds())),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )

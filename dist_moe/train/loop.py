@@ -34,9 +34,11 @@ def say(ctx: DistContext, message: str) -> None:
         print(message, flush=True)
 
 
-def run(cfg: Config, stop_file: Path | None = None) -> dict:
+def run(cfg: Config, grow=None, stop_file: Path | None = None) -> dict:
     """Train cfg.train.max_steps optimizer steps (continuing from a checkpoint if cfg.resume=auto). A signal,
-    or stop_file appearing, saves the current step and returns early (summary "completed": false)."""
+    or stop_file appearing, saves the current step and returns early (summary "completed": false). `grow`
+    (elastic Ray runs, cluster.trainer.GrowBack) says when a larger worker group can start: the loop then
+    saves and waits for Ray Train to restart the group from that checkpoint."""
     stop = StopRequest(stop_file)
     ctx = init_distributed(cfg)
     run_dir = Path(cfg.run_dir)
@@ -45,12 +47,12 @@ def run(cfg: Config, stop_file: Path | None = None) -> dict:
                           f"`dist-moe resume {run_dir}` (or resume=auto), or pick another run_dir")
     heartbeat = Heartbeat(run_dir, ctx.rank, ctx.world_size, cfg.cluster.hang_timeout_s)
     try:
-        return _train(cfg, ctx, stop, heartbeat)
+        return _train(cfg, ctx, stop, heartbeat, grow)
     finally:
         heartbeat.close()
 
 
-def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbeat) -> dict:
+def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbeat, grow) -> dict:
     run_dir = Path(cfg.run_dir)
     heartbeat.enter("preparing data", watched=False)
     hf_init = bool(cfg.init.from_hf or cfg.init.upcycle_from)
@@ -154,8 +156,14 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
             say(ctx, f"stop requested: saving step {step} and exiting")
             stopped_early = True
             break
-        if step < cfg.train.max_steps and (time_due or (cfg.ckpt.every and step % cfg.ckpt.every == 0)):
+        periodic = step < cfg.train.max_steps and (time_due or (cfg.ckpt.every and step % cfg.ckpt.every == 0))
+        if periodic:
             save(step)
+        if grow is not None and step < cfg.train.max_steps and grow.pending(ctx):
+            say(ctx, f"more workers can start: saving step {step} before Ray Train resizes the worker group")
+            if not periodic:  # else saved just above
+                save(step)
+            grow.wait()
 
     save(step)
     heartbeat.enter("finished", watched=False)

@@ -33,9 +33,9 @@ def ray_head_node(num_cpus: int, path_prefix: str | None = None):
     gcs, dashboard, agent, agent_grpc, metrics, runtime_env, client = free_ports(7)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PATH"] = ":".join(filter(None, [path_prefix, str(Path(sys.executable).parent), env["PATH"]]))
-    ray = str(Path(sys.executable).parent / "ray")
+    ray = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # no `ray` script in some venvs
     proc = subprocess.Popen(
-        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={num_cpus}",
+        [*ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}", f"--num-cpus={num_cpus}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
