@@ -43,7 +43,8 @@ def read_preferences(path: Path | str) -> list[dict[str, str]]:
             raise DataError(f"{path}:{number}: expected a JSON object with keys prompt, chosen, rejected")
         missing = [k for k in FIELDS if k not in row]
         if missing:
-            raise DataError(f"{path}:{number}: missing key(s) {', '.join(missing)} (a row needs prompt, chosen, rejected)")
+            raise DataError(f"{path}:{number}: missing key(s) {', '.join(missing)} "
+                            "(a row needs prompt, chosen, rejected)")
         wrong = [k for k in FIELDS if not isinstance(row[k], str)]
         if wrong:
             raise DataError(f"{path}:{number}: {', '.join(wrong)} must be string(s)")

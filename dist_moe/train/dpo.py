@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_moe.config import Config, ConfigError, DPOConfig, WEIGHT_SHAPING, check_resumable, from_yaml_file
-from dist_moe.data import DataError, Tokenizer
+from dist_moe.data import Tokenizer
 from dist_moe.data.preferences import PreferenceSampler, collate, read_preferences, split_pairs, tokenize_pairs
 from dist_moe.model.transformer import Transformer
 from dist_moe.parallel.groups import expert_parallel_group
@@ -84,8 +84,9 @@ class DPO:
         self.cfg, self.ctx, self.eos_id = cfg, ctx, tokenizer.eos_id
         self.sampler = PreferenceSampler(self.train_pairs, cfg.train.micro_batch_size, tokenizer.eos_id,
                                          seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
-        self.tokens_per_micro_batch = 2 * cfg.train.micro_batch_size * cfg.data.seq_len  # at most: rows are padded
-        self.reference: Transformer | None = None                                         # to the longest only
+        # at most: rows are padded only to the longest row of their batch
+        self.tokens_per_micro_batch = 2 * cfg.train.micro_batch_size * cfg.data.seq_len
+        self.reference: Transformer | None = None
 
     def start(self, engine) -> None:
         """Load the parent's weights into the policy (any EP size: DeepSpeed's per-expert files) and freeze a
@@ -100,21 +101,13 @@ class DPO:
         self.reference.to(self.ctx.device, dtype).load_state_dict(engine.module.state_dict())
         self.reference.requires_grad_(False).eval()
 
-    def _logps(self, model, inputs, targets, mask) -> tuple[torch.Tensor, object]:
-        out = model(inputs)
-        return sequence_logps(out.logits, targets, mask), out
-
-    def _pair_loss(self, engine, batch) -> tuple[torch.Tensor, dict, object]:
-        inputs, targets, mask = (t.to(self.ctx.device, non_blocking=True) for t in batch)
-        policy, out = self._logps(engine, inputs, targets, mask)
-        with torch.no_grad():
-            ref, _ = self._logps(self.reference, inputs, targets, mask)
-        tokens = mask.sum(dim=1)
-        losses, metrics = preference_loss(*policy.chunk(2), *ref.chunk(2), *tokens.chunk(2), self.cfg.dpo)
-        return losses, metrics, out
-
     def micro_step(self, engine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses, metrics, out = self._pair_loss(engine, self.sampler.next_batch())
+        inputs, targets, mask = (t.to(self.ctx.device, non_blocking=True) for t in self.sampler.next_batch())
+        out = engine(inputs)
+        policy = sequence_logps(out.logits, targets, mask)  # (2B,): chosen rows, then rejected rows
+        with torch.no_grad():
+            ref = sequence_logps(self.reference(inputs).logits, targets, mask)
+        losses, metrics = preference_loss(*policy.chunk(2), *ref.chunk(2), *mask.sum(dim=1).chunk(2), self.cfg.dpo)
         loss, scalars = with_router_losses(self.cfg, losses.mean(), out)
         return loss, scalars | metrics
 
@@ -166,11 +159,10 @@ def dpo_config(parent: Path, overrides: list[str], default_run_dir: str) -> Conf
     candidates = checkpoint.candidates(parent)
     if not candidates:
         raise checkpoint.CheckpointError(f"{checkpoint.checkpoint_root(parent)}: no checkpoint to start DPO from")
-    cfg = load_config(str(saved), [*DPO_DEFAULTS, f"run_dir={default_run_dir}", *overrides, "objective=dpo",
-                                   f"dpo.parent={parent.resolve()}", f"dpo.parent_checkpoint={candidates[0].resolve()}"])
+    recorded = ["objective=dpo", f"dpo.parent={parent.resolve()}", f"dpo.parent_checkpoint={candidates[0].resolve()}"]
+    cfg = load_config(str(saved), [*DPO_DEFAULTS, f"run_dir={default_run_dir}", *overrides, *recorded])
     check_resumable(from_yaml_file(saved), cfg, WEIGHT_SHAPING, "DPO starts from that run's weights")
     if Path(cfg.run_dir).resolve() == parent.resolve():
         raise ConfigError(f"run_dir '{cfg.run_dir}' is the parent run: DPO writes a new run dir (pick another)")
-    if not Path(cfg.data.prefs).is_file():
-        raise DataError(f"data.prefs '{cfg.data.prefs}': no such file")
+    read_preferences(cfg.data.prefs)  # a malformed row stops here, before any worker starts
     return cfg

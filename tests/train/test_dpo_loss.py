@@ -4,6 +4,7 @@ no longer has in its sigmoid loss); the summed log-probabilities against a token
 
 import math
 import sys
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,14 +60,15 @@ def trl_loss(per_token, ref_per_token, mask, loss_type, beta):
     dpo_trainer = import_trl_dpo()
     shift = mask[:, 1:].to(per_token.dtype)
     outputs = SimpleNamespace(log_probs=per_token * shift, entropy=torch.zeros_like(per_token),
-                              mean_logits=torch.zeros_like(per_token), is_top1=torch.zeros_like(shift, dtype=torch.bool))
+                              mean_logits=torch.zeros_like(per_token),
+                              is_top1=torch.zeros_like(shift, dtype=torch.bool))
     model = SimpleNamespace(training=True)
     ref_chosen, ref_rejected = (ref_per_token * shift).sum(1).chunk(2)
     trainer = SimpleNamespace(
         model=model, accelerator=SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
         loss_types=[loss_type], loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
-        _metrics={"train": __import__("collections").defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
               "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
     loss = dpo_trainer.DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, return_outputs=False)
@@ -101,7 +103,8 @@ def test_label_smoothed_sigmoid_equals_trls_documented_conservative_dpo_formula(
     losses, metrics = preference_loss(pc, pr, rc, rr, tokens, tokens, cfg)
     expected = [trl_documented_loss(*(t[i].item() for t in (pc, pr, rc, rr)), 0.2, label_smoothing) for i in range(16)]
     torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    chosen, rejected = [0.2 * (pc[i] - rc[i]).item() for i in range(16)], [0.2 * (pr[i] - rr[i]).item() for i in range(16)]
+    chosen = [0.2 * (pc[i] - rc[i]).item() for i in range(16)]
+    rejected = [0.2 * (pr[i] - rr[i]).item() for i in range(16)]
     assert metrics["rewards/margins"].item() == pytest.approx(sum(chosen) / 16 - sum(rejected) / 16, rel=1e-12)
     assert metrics["rewards/accuracies"].item() == sum(c > r for c, r in zip(chosen, rejected)) / 16
 
