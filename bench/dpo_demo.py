@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    prefs = work / "prefs.jsonl"
+    prefs = work / f"prefs-{args.rejected}.jsonl"
     prefs.write_text("".join(json.dumps(p) + "\n" for p in build_pairs(args.pairs, 0, 24, args.rejected)))
     base, tuned = work / "base", work / f"dpo-{args.rejected}"
     pretrain_s = 0.0
