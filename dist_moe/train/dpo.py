@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dist_moe.config import Config, ConfigError, DPOConfig, WEIGHT_SHAPING, check_resumable, from_yaml_file
+from dist_moe.config import (Config, ConfigError, DPOConfig, WEIGHT_SHAPING, check_resumable, from_yaml_file,
+                             load_config)
 from dist_moe.data import Tokenizer
 from dist_moe.data.preferences import PreferenceSampler, collate, read_preferences, split_pairs, tokenize_pairs
 from dist_moe.model.transformer import Transformer
@@ -151,8 +152,6 @@ class DPO:
 def dpo_config(parent: Path, overrides: list[str], default_run_dir: str) -> Config:
     """The config of a DPO run starting from run dir `parent`: its config, then DPO_DEFAULTS, then
     `overrides`; the weights' shape must stay the parent's. Records the parent and its newest checkpoint."""
-    from dist_moe.config import load_config
-
     saved = parent / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"run dir '{parent}' has no config.yaml (is it a dist-moe run dir?)")
