@@ -228,12 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     dpo = sub.add_parser(
         "dpo", help="preference-tune a run's model with DPO, into a new run dir", parents=[common],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Start from RUN_DIR's newest checkpoint and train on preference pairs (data.prefs: a .jsonl "
                     "of {prompt, chosen, rejected} rows) with DPO or IPO, writing a new run dir (run_dir=, "
                     "default runs/<time>-<parent>-dpo) whose config records its parent. "
-                    "Continue it with `dist-moe resume`. See docs/dpo.md.",
-        epilog="config keys (key, default, meaning):\n" + config.help_text())
+                    "Continue it with `dist-moe resume`. See docs/dpo.md; `dist-moe train --help` lists every "
+                    "config key (dpo.* and data.prefs among them).")
     dpo.add_argument("run_dir", help="the pretraining run to start from")
     dpo.add_argument("overrides", nargs="*", metavar="key=value", help="data.prefs=FILE.jsonl and any others")
     dpo.add_argument("--nproc", type=int, default=1, help="worker processes on this machine")
