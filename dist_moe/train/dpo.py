@@ -28,6 +28,7 @@ from dist_moe.data.preferences import PreferenceSampler, collate, read_preferenc
 from dist_moe.model.transformer import Transformer
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
+from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 from dist_moe.train.engine import DistContext
 from dist_moe.train.objective import with_router_losses
 
@@ -98,7 +99,8 @@ class DPO:
             raise checkpoint.CheckpointError(f"dpo.parent_checkpoint '{path}': {problem}")
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
         dtype = next(engine.module.parameters()).dtype
-        self.reference = Transformer(self.cfg, ep_group=expert_parallel_group(self.cfg.moe.ep_size))
+        reference = Transformer(self.cfg, ep_group=expert_parallel_group(self.cfg.moe.ep_size))
+        self.reference = apply_deepspeed_moe(reference, self.cfg)  # the engine's module layout and key names
         self.reference.to(self.ctx.device, dtype).load_state_dict(engine.module.state_dict())
         self.reference.requires_grad_(False).eval()
 
