@@ -43,6 +43,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _launch(cfg, args)
 
 
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from dist_moe.train.dpo import dpo_config
+
+    parent = Path(args.run_dir)
+    if not parent.is_dir():
+        raise config.ConfigError(f"run dir '{parent}' does not exist")
+    cfg = dpo_config(parent, args.overrides, _default_run_dir(f"{parent.name}-dpo"))
+    return _launch(cfg, args)
+
+
 # What a run writes before its first step; all of it is rebuilt from the config and the data cache (or, for
 # the heartbeat files, by the next run's ranks).
 _REBUILT_FILES = {"config.yaml", "launch_config.yaml", "tokenizer.model", "data.json"}
@@ -215,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="e.g. train.max_steps=600 (model and data keys cannot change)")
     resume.add_argument("--nproc", type=int, default=1, help="worker processes on this machine")
     resume.set_defaults(fn=cmd_resume)
+
+    dpo = sub.add_parser(
+        "dpo", help="preference-tune a run's model with DPO, into a new run dir", parents=[common],
+        description="Start from RUN_DIR's newest checkpoint and train on preference pairs (data.prefs: a .jsonl "
+                    "of {prompt, chosen, rejected} rows) with DPO or IPO, writing a new run dir (run_dir=, "
+                    "default runs/<time>-<parent>-dpo) whose config records its parent. "
+                    "Continue it with `dist-moe resume`. See docs/dpo.md; `dist-moe train --help` lists every "
+                    "config key (dpo.* and data.prefs among them).")
+    dpo.add_argument("run_dir", help="the pretraining run to start from")
+    dpo.add_argument("overrides", nargs="*", metavar="key=value", help="data.prefs=FILE.jsonl and any others")
+    dpo.add_argument("--nproc", type=int, default=1, help="worker processes on this machine")
+    dpo.set_defaults(fn=cmd_dpo)
 
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=None, help="Ray job server, e.g. http://HEAD:8265 "

@@ -119,6 +119,7 @@ class DataConfig:
     max_corpus_mb: float = _f(24.0, "read at most this many MB of text from the corpus (0 = all)")
     tokenizer_sample_mb: float = _f(8.0, "MB of text the tokenizer is trained on")
     cache_dir: str = _f("~/.cache/dist_moe", "tokenizers and token shards, keyed by corpus content hash")
+    prefs: str = _f("", "dpo: preference pairs, a .jsonl of {prompt, chosen, rejected} rows")
 
 
 @dataclass
@@ -141,6 +142,16 @@ class TrainConfig:
     eval_every: int = _f(50, "evaluate on the val split every N steps (and at the end)")
     eval_batches: int = _f(8, "micro batches per evaluation")
     device: str = _f("auto", "auto | cpu | cuda")
+
+
+@dataclass
+class DPOConfig:
+    parent: str = _f("", "the run DPO starts from (set by `dist-moe dpo RUN_DIR`)")
+    parent_checkpoint: str = _f("", "that run's checkpoint: the policy's start and the frozen reference")
+    loss: str = _f("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)")
+    beta: float = _f(0.1, "how far the policy may move from the reference (IPO: its tau)")
+    label_smoothing: float = _f(0.0, "sigmoid: probability a label is flipped (conservative DPO), in [0, 0.5)")
+    val_fraction: float = _f(0.05, "fraction of preference pairs held out for evaluation")
 
 
 @dataclass
@@ -187,12 +198,14 @@ class Config:
     moba: MoBAConfig = field(default_factory=MoBAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     init: InitConfig = field(default_factory=InitConfig)
     run_dir: str = _f("", "where this run writes everything; empty = runs/<timestamp>")
     resume: str = _f("never", "never | auto (continue from run_dir's latest checkpoint if there is one)")
+    objective: str = _f("lm", "lm (next-token pretraining) | dpo (preference tuning; set by `dist-moe dpo`)")
 
 
 CHOICES = {
@@ -211,6 +224,8 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "cluster.kind": ("local", "ray"),
     "resume": ("never", "auto"),
+    "objective": ("lm", "dpo"),
+    "dpo.loss": ("sigmoid", "ipo"),
 }
 
 
@@ -399,6 +414,15 @@ def validate(cfg: Config) -> None:
          "cluster.min_workers", f"a worker count from which every count up to cluster.num_workers divides the "
                                 f"global micro batch train.micro_batch_size * cluster.num_workers = {global_micro_batch}")
     need(c.resize_check_s > 0, "cluster.resize_check_s", "a positive interval")
+    if cfg.objective == "dpo":
+        need(bool(d.prefs), "data.prefs", "a .jsonl file of preference pairs with objective=dpo")
+        need(bool(cfg.dpo.parent and cfg.dpo.parent_checkpoint), "dpo.parent",
+             "the run DPO starts from (start DPO with `dist-moe dpo RUN_DIR`)")
+    need(cfg.dpo.beta > 0, "dpo.beta", "> 0")
+    need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a probability in [0, 0.5)")
+    need(cfg.dpo.label_smoothing == 0 or cfg.dpo.loss == "sigmoid", "dpo.label_smoothing",
+         "0 with dpo.loss=ipo (label smoothing is conservative DPO, a sigmoid-loss variant)")
+    need(0 < cfg.dpo.val_fraction < 0.5, "dpo.val_fraction", "a fraction in (0, 0.5)")
     if moe.impl == "deepspeed":
         need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
         need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
@@ -436,13 +460,19 @@ UNRESUMABLE = ("model.", "moba.", "moe.num_experts", "moe.d_expert", "moe.moe_ev
                "data.max_corpus_mb", "data.tokenizer_sample_mb", "train.seed")
 
 
-def check_resumable(saved: Config, new: Config) -> None:
-    """The first key that differs between a run's saved config and the resuming one and must not."""
+# Keys that shape the weights: a run that starts from another run's checkpoint (DPO) must keep them.
+WEIGHT_SHAPING = ("model.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl")
+
+
+def check_resumable(saved: Config, new: Config, keys: tuple[str, ...] = UNRESUMABLE,
+                    why: str = "it cannot change on resume") -> None:
+    """The first key (of those starting with one of `keys`) that differs between a run's saved config and
+    the one continuing from its checkpoint."""
     old_flat, new_flat = _flatten(OmegaConf.structured(saved)), _flatten(OmegaConf.structured(new))
     for key, value in new_flat.items():
-        if key.startswith(UNRESUMABLE) and old_flat.get(key) != value:
+        if key.startswith(keys) and old_flat.get(key) != value:
             raise ConfigError(f"config key '{key}' = {value!r} differs from the checkpointed run's "
-                              f"{old_flat.get(key)!r}; it cannot change on resume")
+                              f"{old_flat.get(key)!r}; {why}")
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:

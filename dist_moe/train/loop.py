@@ -1,5 +1,6 @@
 """The worker body: `run(cfg)`. The same function runs in one process, under `dist-moe train --nproc N`
-and inside Ray Train workers; it is the only training loop in dist_moe.
+and inside Ray Train workers; it is the only training loop in dist_moe. What it optimises (pretraining or
+DPO) is an objective (train/objective.py) that owns the data, the micro-batch loss and the evaluation.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import torch
 
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, grad_accum_dtype, to_yaml
-from dist_moe.data import load_prepared, prepare_data
-from dist_moe.data.sampler import TokenSampler
-from dist_moe.model.loss import cross_entropy
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
@@ -26,6 +24,7 @@ from dist_moe.train.expert_load import ExpertLoadTracker
 from dist_moe.train.flops import mfu, peak_flops, training_flops_per_token
 from dist_moe.train.heartbeat import Heartbeat
 from dist_moe.train.metrics import Metrics
+from dist_moe.train.objective import Objective, build_objective
 from dist_moe.train.stop import SaveClock, StopRequest, any_rank
 
 
@@ -62,16 +61,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
         hf_load.apply_init_config(cfg)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        prepared = prepare_data(cfg.data, run_dir, show_progress=True,
-                                tokenizer=hf_load.init_tokenizer(cfg) if hf_init else None)
-    torch.distributed.barrier()
-    if not ctx.is_main:
-        prepared = load_prepared(run_dir)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = prepared.vocab_size
-    if prepared.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"tokenizer of {prepared.vocab_size} pieces > model.vocab_size={cfg.model.vocab_size} "
-                          "(init.upcycle_from: give the folder the tokenizer.model it was trained with)")
+    objective = build_objective(cfg, run_dir, ctx)
     resuming = cfg.resume == "auto" and bool(checkpoint.candidates(run_dir))
     if resuming:
         check_resumable(from_yaml_file(run_dir / "config.yaml"), cfg)
@@ -84,8 +74,8 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
                  + (" (upcycled: every expert a copy of the dense FFN)" if cfg.init.upcycle_from else ""))
     total_params, active_params = num_parameters(model)
     engine = build_engine(cfg, model, ctx)
-    sampler = TokenSampler(prepared.train_path, cfg.data.seq_len, cfg.train.micro_batch_size,
-                           seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+    objective.start(engine)
+    sampler = objective.sampler
 
     step = 0
     if resuming:
@@ -102,7 +92,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
 
     metrics = Metrics(run_dir, enabled=ctx.is_main, tensorboard=cfg.log.tensorboard, start_step=step)
     expert_load = ExpertLoadTracker(engine.module, cfg.moe.num_experts)
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len * ctx.world_size
+    tokens_per_step = objective.tokens_per_micro_batch * cfg.train.grad_accum_steps * ctx.world_size
     flops_per_token = training_flops_per_token(cfg, active_params)
     peak = peak_flops(ctx.device)
     say(ctx, f"model: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token; "
@@ -119,12 +109,17 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
         clock.saved()
         say(ctx, f"checkpoint {path}")
 
-    val_loss = None  # no evaluation yet (a stop before the first one): null in summary.json
+    scores: dict[str, float] = {}  # no evaluation yet (a stop before the first one): null in summary.json
+    if step == 0:  # where training starts from, as a baseline for every later evaluation
+        heartbeat.enter("evaluation")
+        scores = objective.evaluate(engine)
+        metrics.log(0, scores)
+        say(ctx, f"step {0:>6} | {objective.describe(scores)}")
     window_start, window_tokens = time.perf_counter(), 0
     stopped_early = False
     while step < cfg.train.max_steps:
         lr = engine.get_lr()[0]  # the LR this step applies; engine.step() moves it on to the next step's
-        train_losses = train_step(cfg, engine, sampler, ctx, expert_load, heartbeat, step + 1)
+        train_scalars = train_step(cfg, engine, objective, expert_load, heartbeat, step + 1)
         end_router_step(engine.module, cfg.moe.bias_update_rate)  # aux-free bias: the whole step's load
         step += 1
         window_tokens += tokens_per_step
@@ -132,9 +127,9 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
             heartbeat.enter("logging (all-reduce)")
             elapsed = time.perf_counter() - window_start
             tokens_per_second = window_tokens / elapsed
-            ce, aux, z = mean_over_ranks(torch.stack([train_losses["ce"], train_losses["aux"], train_losses["z"]]))
-            scalars = {
-                "train/loss": ce, "train/aux_loss": aux, "train/z_loss": z, "train/lr": lr,
+            means = mean_over_ranks(torch.stack(list(train_scalars.values())))
+            scalars = {f"train/{name}": value for name, value in zip(train_scalars, means)} | {
+                "train/lr": lr,
                 "train/grad_norm": _grad_norm(engine), "perf/tokens_per_second": tokens_per_second,
                 "perf/mfu": mfu(flops_per_token, tokens_per_second / ctx.world_size, peak),
             }
@@ -147,9 +142,9 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
             expert_load.log(metrics.tensorboard, step)
         if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
             heartbeat.enter("evaluation")
-            val_loss = evaluate(cfg, engine, prepared.val_path, ctx)
-            metrics.log(step, {"val/loss": val_loss})
-            say(ctx, f"step {step:>6} | val loss {val_loss:.4f}")
+            scores = objective.evaluate(engine)
+            metrics.log(step, scores)
+            say(ctx, f"step {step:>6} | {objective.describe(scores)}")
         heartbeat.enter("stop check (all-reduce)")
         stop_now, time_due = any_rank(ctx, stop.requested, clock.due())
         if stop_now:
@@ -169,10 +164,10 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
     heartbeat.enter("finished", watched=False)
     metrics.close()
     summary = {
-        "step": step, "max_steps": cfg.train.max_steps, "completed": not stopped_early, "val_loss": val_loss,
+        "step": step, "max_steps": cfg.train.max_steps, "completed": not stopped_early,
         "n_total": total_params, "n_active": active_params, "num_experts": cfg.moe.num_experts,
         "tokens": step * tokens_per_step, "flops": step * tokens_per_step * flops_per_token,
-        "unigram_entropy": prepared.unigram_entropy_nats,
+        **objective.summary(scores),
     }
     summary = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}  # strict
     if ctx.is_main:  # JSON: a diverged run's NaN loss is null
@@ -183,39 +178,22 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
     return summary
 
 
-def train_step(cfg: Config, engine, sampler: TokenSampler, ctx: DistContext, expert_load: ExpertLoadTracker,
-               heartbeat: Heartbeat, step: int) -> dict[str, torch.Tensor]:
-    """Optimizer step `step` over grad_accum_steps micro batches; returns mean losses (tensors, no sync)."""
+def train_step(cfg: Config, engine, objective: Objective, expert_load: ExpertLoadTracker, heartbeat: Heartbeat,
+               step: int) -> dict[str, torch.Tensor]:
+    """Optimizer step `step` over grad_accum_steps micro batches; returns the objective's scalars averaged over
+    them (tensors, no sync)."""
     engine.train()
-    sums = {"ce": 0.0, "aux": 0.0, "z": 0.0}
+    sums: dict[str, torch.Tensor] = {}
     for _ in range(cfg.train.grad_accum_steps):
-        x, y = (t.to(ctx.device, non_blocking=True) for t in sampler.next_batch())
         heartbeat.enter("forward (MoE all-to-all)", step)
-        out = engine(x)
+        loss, scalars = objective.micro_step(engine)
         expert_load.accumulate()
-        ce = cross_entropy(out.logits, y)
-        loss = ce + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
         heartbeat.enter("backward (all-to-all, gradient reduce)")
         engine.backward(loss)
         heartbeat.enter("optimizer step (gradient norm all-reduce)")
         engine.step()
-        sums = {"ce": sums["ce"] + ce.detach(), "aux": sums["aux"] + out.aux_loss.detach(),
-                "z": sums["z"] + out.z_loss.detach()}
-    return {k: v / cfg.train.grad_accum_steps for k, v in sums.items()}
-
-
-@torch.no_grad()
-def evaluate(cfg: Config, engine, val_path: Path, ctx: DistContext) -> float:
-    """Mean cross-entropy over a fixed set of val windows (the same every time), averaged over ranks."""
-    engine.eval()
-    val = TokenSampler(val_path, cfg.data.seq_len, cfg.train.micro_batch_size, seed=0,
-                       rank=ctx.rank, world_size=ctx.world_size)
-    total = torch.zeros((), device=ctx.device)
-    for x, y in val.eval_batches(cfg.train.eval_batches):
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        total += cross_entropy(engine(x).logits, y)
-    torch.distributed.all_reduce(total)
-    return total.item() / (cfg.train.eval_batches * ctx.world_size)
+        sums = {name: sums.get(name, 0.0) + value for name, value in scalars.items()}
+    return {name: value / cfg.train.grad_accum_steps for name, value in sums.items()}
 
 
 def mean_over_ranks(values: torch.Tensor) -> list[float]:
