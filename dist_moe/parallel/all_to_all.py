@@ -1,12 +1,16 @@
-"""All-to-all with variable split sizes as an autograd Function (the backward is the mirror exchange).
+"""Asynchronous all-to-alls over an EP group: flat, or hierarchical (inside each node, then across nodes).
 
-MoE dispatch sends each rank's expert-ordered rows to the ranks owning those experts. The split sizes are
-data-dependent, so they travel first (`exchange_counts`, an all-to-all of the per-expert counts), then the
-rows (`all_to_all`). Both are collectives over the EP group: every rank of it must call them, also when it
-sends or receives nothing.
+`start_all_to_all` launches the exchange and returns at once with a `Pending`; `Pending.wait()` hands back
+the received rows. Under NCCL the collective runs on the process group's own CUDA stream (the dedicated
+communication stream) and `wait()` only makes the current stream wait for it, with no host sync; under gloo
+it runs on gloo's background thread. Both are collectives over the group: every rank of it must start them,
+also when it sends or receives nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,22 +25,51 @@ def exchange_counts(send_counts: torch.Tensor, group: ProcessGroup) -> torch.Ten
     return recv_counts
 
 
-class _AllToAll(torch.autograd.Function):
+@dataclass
+class NodeLayout:
+    """This rank's two-level groups inside an EP group of `nodes * local` ranks ordered node by node:
+    `intra` holds the EP ranks on this node, `inter` the EP ranks with this rank's position on the others."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        return _AllToAll.apply(grad_out, in_splits, out_splits, ctx.group), None, None, None
+    nodes: int
+    local: int
+    intra: ProcessGroup
+    inter: ProcessGroup
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup) -> torch.Tensor:
-    """Rows x[sum(in_splits[:j]) : sum(in_splits[:j+1])] go to EP rank j; returns (sum(out_splits), ...)
-    with the rows from rank j at offset sum(out_splits[:j]). Differentiable in x."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+class Pending:
+    """An exchange in flight: `wait()` returns its output, running any stage that had to wait for it."""
+
+    def __init__(self, out: torch.Tensor, work, then: Optional[Callable[[torch.Tensor], "Pending"]] = None):
+        self.out, self.work, self.then = out, work, then
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.then(self.out).wait() if self.then is not None else self.out
+
+
+def start_all_to_all(x: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
+                     group: ProcessGroup, nodes: Optional[NodeLayout] = None) -> Pending:
+    """Rows x[sum(in_splits[:j]) : sum(in_splits[:j+1])] go to EP rank j; the output holds the rows from rank j
+    at offset sum(out_splits[:j]). Splits None = equal (x.shape[0] / P rows each way). With `nodes` (equal
+    splits only) the rows first meet inside the node, then cross between nodes once per peer node."""
+    if nodes is not None:
+        assert out_splits is None and in_splits is None, "the hierarchical exchange takes equal splits"
+        return _start_hierarchical(x, nodes)
+    rows = x.shape[0] if out_splits is None else sum(out_splits)
+    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+    work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
+    return Pending(out, work)
+
+
+def _start_hierarchical(x: torch.Tensor, nodes: NodeLayout) -> Pending:
+    """EP rank (n, l) = node n, position l. Stage 1 (intra): rows for (n', l') go to (n, l'), which then holds
+    everything of its node bound for position l'. Stage 2 (inter): (n, l') sends them to (n', l')."""
+    rest = tuple(x.shape[1:])
+    x = x.reshape(nodes.nodes, nodes.local, -1, *rest).transpose(0, 1)  # (L dest, N dest, X, ...)
+
+    def across_nodes(from_node: torch.Tensor) -> Pending:  # (L src, N dest, X, ...) -> send by node
+        by_node = from_node.view(nodes.local, nodes.nodes, -1, *rest).transpose(0, 1).contiguous()
+        return start_all_to_all(by_node.view(-1, *rest), None, None, nodes.inter)  # (N src, L src, X, ...)
+
+    first = start_all_to_all(x.reshape(-1, *rest), None, None, nodes.intra)
+    return Pending(first.out, first.work, across_nodes)
