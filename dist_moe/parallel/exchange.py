@@ -14,8 +14,9 @@ travels back; the backward (`_ExpertsBetweenExchanges.backward`) runs the same s
 
 Two layouts (`moe.exchange`):
   padded: every (peer, local expert) pair gets exactly C slots (C = capacity; the bound T when dropless), so
-          all sizes are static: no counts travel, no host sync, CUDA-graph friendly. Padding slots are zero
-          rows, whose expert outputs and weight-gradient terms are exactly zero, and which are never read back.
+          all sizes are static: no counts travel, no host sync, CUDA-graph friendly (so every rank of the group
+          must feed the layer the same number of tokens, as training's fixed micro-batches do). Padding slots
+          are zero rows, whose expert outputs and weight-gradient terms are exactly zero, never read back.
   ragged: only kept rows travel; the counts go first (on the device) and the split sizes are read on the
           host once per layer, the only host sync of the exchange.
 """
@@ -55,13 +56,12 @@ class _Layout:
         self.bounds, self.group, self.nodes = bounds, group, nodes
 
     def dispatch(self, packed: torch.Tensor, c: int) -> Pending:
-        x, sent, received = self.outgoing(packed, c)
-        return start_all_to_all(x, received, sent, self.group, self.nodes)
+        sent, received = self.splits(c)
+        return start_all_to_all(self.outgoing(packed, c), received, sent, self.group, self.nodes)
 
     def combine(self, c: int, out: torch.Tensor) -> Pending:
-        x = self.from_expert_order(c, out)
-        _, sent, received = self.splits(c)
-        return start_all_to_all(x, sent, received, self.group, self.nodes)
+        sent, received = self.splits(c)
+        return start_all_to_all(self.from_expert_order(c, out), sent, received, self.group, self.nodes)
 
 
 class _Padded(_Layout):
@@ -83,11 +83,11 @@ class _Padded(_Layout):
         return slots.index_copy_(0, self.slot, rows)[:-1].view(*self.shape, -1)  # (P, E_local, C, D)
 
     def splits(self, c: int):
-        return None, None, None
+        return None, None  # equal: (P, E_c, C) slots each way
 
-    def outgoing(self, packed: torch.Tensor, c: int):
+    def outgoing(self, packed: torch.Tensor, c: int) -> torch.Tensor:
         lo, hi = self.bounds[c]
-        return packed[:, lo:hi].reshape(-1, packed.shape[-1]), None, None
+        return packed[:, lo:hi].reshape(-1, packed.shape[-1])
 
     def to_expert_order(self, c: int, received: torch.Tensor):
         lo, hi = self.bounds[c]
@@ -132,10 +132,10 @@ class _Ragged(_Layout):
         return rows
 
     def splits(self, c: int):
-        return None, *self.chunk_splits[c]
+        return self.chunk_splits[c]  # (rows sent to EP rank j, rows received from it)
 
-    def outgoing(self, packed: torch.Tensor, c: int):
-        return packed[self.position[c]], *self.chunk_splits[c]
+    def outgoing(self, packed: torch.Tensor, c: int) -> torch.Tensor:
+        return packed[self.position[c]]
 
     def to_expert_order(self, c: int, received: torch.Tensor):
         return received[self.by_expert[c]], self.counts[c]

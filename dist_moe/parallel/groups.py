@@ -16,7 +16,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from dist_moe.errors import UserError
 from dist_moe.parallel.all_to_all import NodeLayout
+
+
+class NodeLayoutError(UserError, RuntimeError):
+    """The launcher's node layout cannot carry the hierarchical all-to-all."""
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -73,8 +78,9 @@ def node_layout(ep_size: int) -> NodeLayout:
         nodes = sorted({node_of[r] for r in members})
         per_node = [[r for r in members if node_of[r] == n] for n in nodes]
         if len({len(ranks) for ranks in per_node}) != 1:
-            raise RuntimeError(f"moe.a2a=hierarchical: EP group {members} has {[len(p) for p in per_node]} ranks "
-                               "per node; expected the same number on every node")
+            sizes = [len(ranks) for ranks in per_node]
+            raise NodeLayoutError(f"config key 'moe.a2a' = 'hierarchical': EP group {members} has {sizes} ranks per "
+                                  "node; expected the same number on every node (or moe.a2a=flat)")
         intra = [dist.new_group(ranks) for ranks in per_node]
         inter = [dist.new_group([ranks[i] for ranks in per_node]) for i in range(len(per_node[0]))]
         if rank in members:
