@@ -47,7 +47,7 @@ def settings(chunks: int) -> list[dict]:
     """The exchanges compared: (moe.exchange, moe.a2a, moe.a2a_chunks)."""
     return [dict(exchange=e, a2a=a, a2a_chunks=c) for e, a, c in
             (("ragged", "flat", 1), ("ragged", "flat", chunks), ("padded", "flat", 1), ("padded", "flat", chunks),
-             ("padded", "hierarchical", chunks))]
+             ("padded", "hierarchical", chunks), ("ragged", "hierarchical", chunks))]
 
 
 def sync() -> None:

@@ -100,7 +100,7 @@ class MoEConfig:
     a2a_chunks: int = _f(1, "EP exchange in this many chunks of local experts, overlapped with expert compute")
     exchange: str = _f("ragged", "EP exchange layout: ragged (kept rows, one host sync per layer) | padded "
                                  "(capacity slots per expert, sync-free; dropless pads to the token count)")
-    a2a: str = _f("flat", "EP all-to-all: flat | hierarchical (inside each node, then across nodes; padded only)")
+    a2a: str = _f("flat", "EP all-to-all: flat | hierarchical (inside each node, then once across nodes)")
     impl: str = _f("dist_moe", "MoE implementation: dist_moe | deepspeed (deepspeed.moe.layer.MoE baseline)")
 
 
@@ -359,8 +359,6 @@ def validate(cfg: Config) -> None:
     need(moe.num_experts % moe.ep_size == 0, "moe.ep_size", f"a divisor of moe.num_experts={moe.num_experts}")
     need(1 <= moe.a2a_chunks <= moe.num_experts // moe.ep_size, "moe.a2a_chunks",
          f"1 .. experts per rank ({moe.num_experts // moe.ep_size})")
-    need(moe.a2a == "flat" or moe.exchange == "padded", "moe.a2a",
-         "'flat' unless moe.exchange=padded (the hierarchical exchange moves fixed-size slots)")
     need(moe.moe_every >= 0, "moe.moe_every", "0 (dense) or a positive interval")
     need(moe.capacity_factor > 0 and moe.eval_capacity_factor > 0, "moe.capacity_factor", "> 0")
     need(moe.min_capacity >= 0, "moe.min_capacity", ">= 0")

@@ -1,4 +1,4 @@
-"""Asynchronous all-to-alls over an EP group: flat, or hierarchical (inside each node, then across nodes).
+"""Asynchronous all-to-alls over an EP group: flat, or hierarchical (inside each node, then across nodes once).
 
 `start_all_to_all` launches the exchange and returns at once with a `Pending`; `Pending.wait()` hands back
 the received rows. Under NCCL the collective runs on the process group's own CUDA stream (the dedicated
@@ -9,20 +9,13 @@ also when it sends or receives nothing.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
-
-
-def exchange_counts(send_counts: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    """send_counts (P, E_local): rows this rank sends to EP rank j for its local expert l. Returns
-    recv_counts (P, E_local): rows this rank receives from EP rank j for its own local expert l."""
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
-    return recv_counts
 
 
 @dataclass
@@ -47,29 +40,43 @@ class Pending:
         return self.then(self.out).wait() if self.then is not None else self.out
 
 
-def start_all_to_all(x: torch.Tensor, out_splits: Optional[list[int]], in_splits: Optional[list[int]],
-                     group: ProcessGroup, nodes: Optional[NodeLayout] = None) -> Pending:
-    """Rows x[sum(in_splits[:j]) : sum(in_splits[:j+1])] go to EP rank j; the output holds the rows from rank j
-    at offset sum(out_splits[:j]). Splits None = equal (x.shape[0] / P rows each way). With `nodes` (equal
-    splits only) the rows first meet inside the node, then cross between nodes once per peer node."""
-    if nodes is not None:
-        assert out_splits is None and in_splits is None, "the hierarchical exchange takes equal splits"
-        return _start_hierarchical(x, nodes)
-    rows = x.shape[0] if out_splits is None else sum(out_splits)
-    out = x.new_empty((rows,) + tuple(x.shape[1:]))
+def start_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: ProcessGroup) -> Pending:
+    """Rows x[sum(in_splits[:j]) : sum(in_splits[:j+1])] go to rank j of the group; the output holds the rows
+    from rank j at offset sum(out_splits[:j])."""
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     work = dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group, async_op=True)
     return Pending(out, work)
 
 
-def _start_hierarchical(x: torch.Tensor, nodes: NodeLayout) -> Pending:
-    """EP rank (n, l) = node n, position l. Stage 1 (intra): rows for (n', l') go to (n, l'), which then holds
-    everything of its node bound for position l'. Stage 2 (inter): (n, l') sends them to (n', l')."""
-    rest = tuple(x.shape[1:])
-    x = x.reshape(nodes.nodes, nodes.local, -1, *rest).transpose(0, 1)  # (L dest, N dest, X, ...)
+def start_hierarchical(x: torch.Tensor, rows_between: list[list[int]], ep_rank: int, nodes: NodeLayout) -> Pending:
+    """The all-to-all of `start_all_to_all` over the EP group, in two stages; rows_between[i][j] = rows EP rank i
+    sends to EP rank j (x holds this rank's, by destination). EP rank (n, l) = node n, position l. Stage 1
+    (intra-node): rows for (n', l') go to (n, l'), which then holds everything of its node bound for position
+    l'. Stage 2 (inter-node): (n, l') sends them to (n', l'), which receives them in EP rank order."""
+    num_nodes, local = nodes.nodes, nodes.local
+    node, position = divmod(ep_rank, local)
 
-    def across_nodes(from_node: torch.Tensor) -> Pending:  # (L src, N dest, X, ...) -> send by node
-        by_node = from_node.view(nodes.local, nodes.nodes, -1, *rest).transpose(0, 1).contiguous()
-        return start_all_to_all(by_node.view(-1, *rest), None, None, nodes.inter)  # (N src, L src, X, ...)
+    def rows(n_src: int, l_src: int, n_dst: int, l_dst: int) -> int:
+        return rows_between[n_src * local + l_src][n_dst * local + l_dst]
 
-    first = start_all_to_all(x.reshape(-1, *rest), None, None, nodes.intra)
+    by_position = _reorder(x, rows_between[ep_rank], [n * local + l for l in range(local) for n in range(num_nodes)])
+    first = start_all_to_all(by_position,
+                             [sum(rows(node, l, n, position) for n in range(num_nodes)) for l in range(local)],
+                             [sum(rows(node, position, n, l) for n in range(num_nodes)) for l in range(local)],
+                             nodes.intra)
+
+    def across_nodes(received: torch.Tensor) -> Pending:  # blocks (local source l, node n bound for (n, position))
+        sizes = [rows(node, l, n, position) for l in range(local) for n in range(num_nodes)]
+        by_node = _reorder(received, sizes, [l * num_nodes + n for n in range(num_nodes) for l in range(local)])
+        return start_all_to_all(by_node,
+                                [sum(rows(n, l, node, position) for l in range(local)) for n in range(num_nodes)],
+                                [sum(rows(node, l, n, position) for l in range(local)) for n in range(num_nodes)],
+                                nodes.inter)
+
     return Pending(first.out, first.work, across_nodes)
+
+
+def _reorder(x: torch.Tensor, sizes: list[int], order: list[int]) -> torch.Tensor:
+    """x holds blocks of `sizes` rows one after another; returns them in `order` (block indices)."""
+    starts = list(itertools.accumulate(sizes, initial=0))
+    return x[torch.cat([torch.arange(starts[b], starts[b] + sizes[b], device=x.device) for b in order])]

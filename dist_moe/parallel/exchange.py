@@ -17,8 +17,8 @@ Two layouts (`moe.exchange`):
           all sizes are static: no counts travel, no host sync, CUDA-graph friendly (so every rank of the group
           must feed the layer the same number of tokens, as training's fixed micro-batches do). Padding slots
           are zero rows, whose expert outputs and weight-gradient terms are exactly zero, never read back.
-  ragged: only kept rows travel; the counts go first (on the device) and the split sizes are read on the
-          host once per layer, the only host sync of the exchange.
+  ragged: only kept rows travel; the counts go first (an all-gather on the device) and the split sizes are
+          read on the host once per layer, the only host sync of the exchange.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-from dist_moe.parallel.all_to_all import NodeLayout, Pending, exchange_counts, start_all_to_all
+from dist_moe.parallel.all_to_all import NodeLayout, Pending, start_all_to_all, start_hierarchical
 
 
 def pipeline(num_chunks: int, dispatch: Callable[[int], Pending],
@@ -54,23 +54,30 @@ class _Layout:
 
     def __init__(self, bounds: list[tuple[int, int]], group: ProcessGroup, nodes: Optional[NodeLayout]):
         self.bounds, self.group, self.nodes = bounds, group, nodes
+        self.ep_rank, self.ep_size = dist.get_rank(group), dist.get_world_size(group)
 
     def dispatch(self, packed: torch.Tensor, c: int) -> Pending:
-        sent, received = self.splits(c)
-        return start_all_to_all(self.outgoing(packed, c), received, sent, self.group, self.nodes)
+        return self.send(self.outgoing(packed, c), self.rows_between(c))
 
     def combine(self, c: int, out: torch.Tensor) -> Pending:
-        sent, received = self.splits(c)
-        return start_all_to_all(self.from_expert_order(c, out), sent, received, self.group, self.nodes)
+        rows_between = self.rows_between(c)
+        return self.send(self.from_expert_order(c, out), [list(column) for column in zip(*rows_between)])
+
+    def send(self, x: torch.Tensor, rows_between: list[list[int]]) -> Pending:
+        """rows_between[i][j]: rows EP rank i sends to EP rank j in this exchange."""
+        if self.nodes is not None:
+            return start_hierarchical(x, rows_between, self.ep_rank, self.nodes)
+        me = self.ep_rank
+        return start_all_to_all(x, [row[me] for row in rows_between], rows_between[me], self.group)
 
 
 class _Padded(_Layout):
     """Slots (P, E_local, C): row r of expert e at slot e*C + (its place within e); rows past N to a spare."""
 
-    def __init__(self, tokens_per_expert: torch.Tensor, num_rows: int, capacity: int, ep_size: int, **kw):
+    def __init__(self, tokens_per_expert: torch.Tensor, num_rows: int, capacity: int, **kw):
         super().__init__(**kw)
         num_experts = len(tokens_per_expert)
-        self.shape, self.capacity = (ep_size, num_experts // ep_size, capacity), capacity
+        self.shape, self.capacity = (self.ep_size, num_experts // self.ep_size, capacity), capacity
         ends = torch.cumsum(tokens_per_expert, 0)
         row = torch.arange(num_rows, device=ends.device)
         expert = torch.searchsorted(ends, row, right=True)  # E for rows past the kept ones
@@ -82,8 +89,9 @@ class _Padded(_Layout):
         slots = rows.new_zeros(peers * num_local * capacity + 1, rows.shape[1])  # the last one is the spare
         return slots.index_copy_(0, self.slot, rows)[:-1].view(*self.shape, -1)  # (P, E_local, C, D)
 
-    def splits(self, c: int):
-        return None, None  # equal: (P, E_c, C) slots each way
+    def rows_between(self, c: int) -> list[list[int]]:
+        lo, hi = self.bounds[c]
+        return [[(hi - lo) * self.capacity] * self.ep_size] * self.ep_size  # (E_c, C) slots to every peer
 
     def outgoing(self, packed: torch.Tensor, c: int) -> torch.Tensor:
         lo, hi = self.bounds[c]
@@ -109,18 +117,21 @@ class _Padded(_Layout):
 class _Ragged(_Layout):
     """Only the kept rows travel, with split sizes from the exchanged counts (read on the host once)."""
 
-    def __init__(self, tokens_per_expert: torch.Tensor, num_rows: int, ep_size: int, **kw):
+    def __init__(self, tokens_per_expert: torch.Tensor, num_rows: int, **kw):
         super().__init__(**kw)
-        send = tokens_per_expert.view(ep_size, -1)  # (P, E_local): to EP rank j for its local expert l
-        recv = exchange_counts(send, self.group)  # (P, E_local): from EP rank j for this rank's expert l
-        send_host, recv_host = torch.stack([send, recv]).tolist()  # the layer's one host sync
-        self.num_rows, self.chunk_splits, self.position, self.by_expert, self.counts = num_rows, [], [], [], []
+        ep_size = self.ep_size
+        counts = tokens_per_expert.new_empty(ep_size * len(tokens_per_expert))
+        dist.all_gather_into_tensor(counts, tokens_per_expert, group=self.group)
+        counts = counts.view(ep_size, ep_size, -1)  # (P src, P dst, E_local)
+        recv = counts[:, self.ep_rank]  # (P, E_local): from EP rank j for this rank's local expert l
+        counts_host = counts.tolist()  # the layer's one host sync
+        send_host = counts_host[self.ep_rank]
+        self.num_rows, self.chunk_rows, self.position, self.by_expert, self.counts = num_rows, [], [], [], []
         device = tokens_per_expert.device
         starts = [sum(map(sum, send_host[:j])) for j in range(ep_size)]
         for lo, hi in self.bounds:
-            sent = [sum(per_expert[lo:hi]) for per_expert in send_host]
-            received = [sum(per_expert[lo:hi]) for per_expert in recv_host]
-            self.chunk_splits.append((sent, received))
+            self.chunk_rows.append([[sum(per_expert[lo:hi]) for per_expert in row] for row in counts_host])
+            received = [row[self.ep_rank] for row in self.chunk_rows[-1]]
             self.position.append(torch.cat([torch.arange(s + sum(send_host[j][:lo]), s + sum(send_host[j][:hi]),
                                                          device=device) for j, s in enumerate(starts)]))
             expert = torch.arange(hi - lo, device=device).repeat(ep_size)
@@ -131,8 +142,8 @@ class _Ragged(_Layout):
     def pack(self, rows: torch.Tensor) -> torch.Tensor:
         return rows
 
-    def splits(self, c: int):
-        return self.chunk_splits[c]  # (rows sent to EP rank j, rows received from it)
+    def rows_between(self, c: int) -> list[list[int]]:
+        return self.chunk_rows[c]
 
     def outgoing(self, packed: torch.Tensor, c: int) -> torch.Tensor:
         return packed[self.position[c]]
@@ -196,8 +207,7 @@ class ExpertExchange:
     def __init__(self, group: ProcessGroup, num_local_experts: int, chunks: int = 1, padded: bool = False,
                  nodes: Optional[NodeLayout] = None):
         assert 1 <= chunks <= num_local_experts, "moe.a2a_chunks must be in [1, experts per rank]"
-        assert padded or nodes is None, "the hierarchical exchange needs the padded layout"
-        self.group, self.ep_size, self.padded, self.nodes = group, dist.get_world_size(group), padded, nodes
+        self.group, self.padded, self.nodes = group, padded, nodes
         self.bounds = [(num_local_experts * c // chunks, num_local_experts * (c + 1) // chunks) for c in range(chunks)]
 
     def __call__(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, capacity: int,
@@ -207,8 +217,8 @@ class ExpertExchange:
         <= capacity. compute(rows sorted by local expert, counts (E_c,), *weights[lo:hi]) for each chunk's
         experts [lo, hi). Returns ((R, D) results in rows' order, zero past N; beside() or None)."""
         kw = dict(bounds=self.bounds, group=self.group, nodes=self.nodes)
-        layout = (_Padded(tokens_per_expert, len(rows), capacity, self.ep_size, **kw) if self.padded
-                  else _Ragged(tokens_per_expert, len(rows), self.ep_size, **kw))
+        layout = (_Padded(tokens_per_expert, len(rows), capacity, **kw) if self.padded
+                  else _Ragged(tokens_per_expert, len(rows), **kw))
         result = []
         run_beside = None if beside is None else (lambda: result.append(beside()))
         out = _ExpertsBetweenExchanges.apply(rows, layout, compute, run_beside, *weights)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dist_moe.config import Config
 from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import end_router_step
-from dist_moe.parallel.groups import expert_data_parallel_group, expert_parallel_group
+from dist_moe.parallel.groups import NodeLayoutError, expert_data_parallel_group, expert_parallel_group, node_layout
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 D = 16
@@ -191,12 +191,17 @@ def _exchange_worker(rank, world_size, port):
     """Chunked, padded and hierarchical exchanges (nodes {0, 1} and {2, 3}) against the one-process model, and
     bitwise against the unchunked flat exchange of the same layout (the experts' arithmetic is the same)."""
     init(rank, world_size, port, ranks_per_node=2)
+    os.environ["LOCAL_RANK"] = str((0, 1, 2, 0)[rank])  # nodes {0, 1, 2} and {3}: refused, nothing created
+    with pytest.raises(NodeLayoutError, match="moe.a2a"):
+        node_layout(4)
+    os.environ["LOCAL_RANK"] = str(rank % 2)
     for ep_size, chunks in ((2, 3), (4, 2)):  # 4 local experts in chunks of 1, 1, 2; 2 in chunks of 1, 1
         for top_k, dropless, shared_expert in ((2, False, True), (1, True, False)):
             unchunked = {}
             for exchange, a2a, a2a_chunks in (("ragged", "flat", 1), ("ragged", "flat", chunks),
                                               ("padded", "flat", 1), ("padded", "flat", chunks),
-                                              ("padded", "hierarchical", 1), ("padded", "hierarchical", chunks)):
+                                              ("padded", "hierarchical", 1), ("padded", "hierarchical", chunks),
+                                              ("ragged", "hierarchical", chunks)):
                 ep_keys = dict(exchange=exchange, a2a=a2a, a2a_chunks=a2a_chunks)
                 y, grads = check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless,
                                                           ep_keys=ep_keys, shared_expert=shared_expert)
@@ -206,6 +211,10 @@ def _exchange_worker(rank, world_size, port):
                 y_ref, grads_ref = unchunked[exchange]
                 assert torch.equal(y, y_ref), (ep_size, exchange, a2a, a2a_chunks)
                 assert all(torch.equal(grads[name], grads_ref[name]) for name in grads), (ep_size, exchange, a2a)
+            (y_ragged, grads_ragged), (y_padded, grads_padded) = unchunked["ragged"], unchunked["padded"]
+            torch.testing.assert_close(y_padded, y_ragged, rtol=1e-5, atol=1e-6)
+            for name in grads_ragged:  # padding slots add exact zeros; only the GEMMs' summation order may differ
+                torch.testing.assert_close(grads_padded[name], grads_ragged[name], rtol=1e-5, atol=1e-6)
     for exchange in ("ragged", "padded"):  # EP rank 0 sends everything and receives nothing
         check_ep_equals_single_process(rank, world_size, 2, 2, False, skewed=True,
                                        ep_keys=dict(exchange=exchange, a2a_chunks=2))
