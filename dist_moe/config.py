@@ -98,6 +98,10 @@ class MoEConfig:
     z_loss_coef: float = _f(0.001, "router z-loss coefficient")
     shared_expert: bool = _f(False, "add a dense shared expert beside the routed ones")
     ep_size: int = _f(1, "expert-parallel size: experts are split over this many ranks")
+    a2a_chunks: int = _f(1, "EP exchange in this many chunks of local experts, overlapped with expert compute")
+    exchange: str = _f("ragged", "EP exchange layout: ragged (kept rows, one host sync per layer) | padded "
+                                 "(capacity slots per expert, sync-free; dropless pads to the token count)")
+    a2a: str = _f("flat", "EP all-to-all: flat | hierarchical (inside each node, then once across nodes)")
     impl: str = _f("dist_moe", "MoE implementation: dist_moe | deepspeed (deepspeed.moe.layer.MoE baseline)")
 
 
@@ -219,6 +223,8 @@ CHOICES = {
     "moe.balance": ("aux", "aux_free", "both", "none"),
     "moe.aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
     "moe.impl": ("dist_moe", "deepspeed"),
+    "moe.exchange": ("ragged", "padded"),
+    "moe.a2a": ("flat", "hierarchical"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.grad_accum_dtype": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -369,6 +375,8 @@ def validate(cfg: Config) -> None:
     need(m.rope_theta > 0, "model.rope_theta", "a positive base")
     need(moe.top_k <= moe.num_experts, "moe.top_k", f"<= moe.num_experts={moe.num_experts}")
     need(moe.num_experts % moe.ep_size == 0, "moe.ep_size", f"a divisor of moe.num_experts={moe.num_experts}")
+    need(1 <= moe.a2a_chunks <= moe.num_experts // moe.ep_size, "moe.a2a_chunks",
+         f"1 .. experts per rank ({moe.num_experts // moe.ep_size})")
     need(moe.moe_every >= 0, "moe.moe_every", "0 (dense) or a positive interval")
     need(moe.capacity_factor > 0 and moe.eval_capacity_factor > 0, "moe.capacity_factor", "> 0")
     need(moe.min_capacity >= 0, "moe.min_capacity", ">= 0")

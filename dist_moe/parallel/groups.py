@@ -9,10 +9,19 @@ parameters there). Non-expert parameters use the whole data-parallel group. Grou
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+from dist_moe.errors import UserError
+from dist_moe.parallel.all_to_all import NodeLayout
+
+
+class NodeLayoutError(UserError, RuntimeError):
+    """The launcher's node layout cannot carry the hierarchical all-to-all."""
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -48,3 +57,34 @@ def expert_data_parallel_group(ep_size: int) -> ProcessGroup:
 
     create_expert_groups(ep_size)
     return groups._get_expert_data_parallel_group(expert_group_name(ep_size))
+
+
+_node_layouts: dict[int, NodeLayout] = {}
+
+
+def node_layout(ep_size: int) -> NodeLayout:
+    """This rank's intra-node and inter-node groups inside its EP group, for the hierarchical all-to-all
+    (collective: every rank must call it). Nodes come from the launcher: ranks sharing `rank - LOCAL_RANK`
+    (torchrun, `dist-moe train --nproc`, Ray Train all set LOCAL_RANK and number a node's ranks
+    consecutively). Every EP group must hold the same number of ranks on each of its nodes."""
+    if ep_size in _node_layouts:
+        return _node_layouts[ep_size]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    node_of = [None] * world
+    dist.all_gather_object(node_of, rank - int(os.environ.get("LOCAL_RANK", "0")))
+    mine = None
+    for first in range(0, world, ep_size):  # DeepSpeed's EP groups: consecutive ranks; every rank builds all
+        members = list(range(first, first + ep_size))
+        nodes = sorted({node_of[r] for r in members})
+        per_node = [[r for r in members if node_of[r] == n] for n in nodes]
+        if len({len(ranks) for ranks in per_node}) != 1:
+            sizes = [len(ranks) for ranks in per_node]
+            raise NodeLayoutError(f"config key 'moe.a2a' = 'hierarchical': EP group {members} has {sizes} ranks per "
+                                  "node; expected the same number on every node (or moe.a2a=flat)")
+        intra = [dist.new_group(ranks) for ranks in per_node]
+        inter = [dist.new_group([ranks[i] for ranks in per_node]) for i in range(len(per_node[0]))]
+        if rank in members:
+            node, position = nodes.index(node_of[rank]), per_node[nodes.index(node_of[rank])].index(rank)
+            mine = NodeLayout(len(nodes), len(per_node[0]), intra[node], inter[position])
+    _node_layouts[ep_size] = mine
+    return mine

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from dist_moe.config import Config
 from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import end_router_step
-from dist_moe.parallel.groups import expert_data_parallel_group, expert_parallel_group
+from dist_moe.parallel.groups import NodeLayoutError, expert_data_parallel_group, expert_parallel_group, node_layout
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 D = 16
@@ -44,9 +44,11 @@ def spawn(worker, world_size: int, *args) -> None:
     mp.spawn(worker, args=(world_size, free_port(), *args), nprocs=world_size, join=True)
 
 
-def init(rank: int, world_size: int, port: int) -> None:
+def init(rank: int, world_size: int, port: int, ranks_per_node: int = 0) -> None:
+    """ranks_per_node simulates nodes of that many ranks (as a launcher's LOCAL_RANK / LOCAL_WORLD_SIZE say)."""
+    local = ranks_per_node or world_size
     os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank % local), LOCAL_WORLD_SIZE=str(local))
     torch.set_num_threads(1)
     import deepspeed
 
@@ -68,14 +70,19 @@ def skew_router(layer: MoELayer, direction: torch.Tensor, favoured: range) -> No
             layer.router.weight[e] = direction * (1.0 + 0.1 * e) * (1 if e in favoured else -1)
 
 
-def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False, **moe):
-    """moe: routing-policy keys (docs/routing.md); a selection bias is set the same on both sides, and the bias
-    update after the step (counts all-reduced over the ranks) must equal the reference's over all chunks."""
+def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False, ep_keys=None, **moe):
+    """moe: keys of both layers, e.g. routing-policy keys (docs/routing.md); a selection bias is set the same on
+    both sides, and the bias update after the step (counts all-reduced over the ranks) must equal the
+    reference's over all chunks. ep_keys: the EP layer's exchange keys. Returns the EP layer's output and
+    gradients (for bitwise comparisons between exchanges)."""
+    ep_keys = ep_keys or {}
     cfg = config(top_k=top_k, dropless=dropless, **moe)
     torch.manual_seed(0)
     ref = MoELayer(cfg, None)
     cfg_ep = copy.deepcopy(cfg)
     cfg_ep.moe.ep_size = ep_size
+    for key, value in ep_keys.items():
+        setattr(cfg_ep.moe, key, value)
     torch.manual_seed(0)
     layer = MoELayer(cfg_ep, expert_parallel_group(ep_size))
     if layer.router.selection_bias is not None:
@@ -115,7 +122,7 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
         expected = ref_grads[name].grad
         if name.startswith("experts."):
             expected = expected[first:first + e_local]
-        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=f"{name} ep={ep_size}")
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=f"{name} ep={ep_size} {ep_keys}")
     if layer.router.selection_bias is not None:
         end_router_step(layer, 0.01)  # all-reduces this rank's selection counts
         ref.router.end_step(ref.router.step_selections, 0.01)  # the reference counted every rank's chunk
@@ -125,6 +132,7 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
         assert layer.last_stats.tokens_per_expert[:e_local].sum() == 0
         if ep_rank == 0:
             assert all(torch.count_nonzero(p.grad) == 0 for p in layer.experts.parameters())
+    return y.detach(), {name: p.grad for name, p in layer.named_parameters()}
 
 
 def _ep_equivalence_worker(rank, world_size, port):
@@ -177,6 +185,48 @@ def check_global_batch_aux_grad_equals_one_big_batch(rank, world_size):
 @pytest.mark.slow
 def test_ep2_and_ep4_outputs_losses_grads_and_zero012_updates_equal_single_process():
     spawn(_ep_equivalence_worker, 4)
+
+
+def _exchange_worker(rank, world_size, port):
+    """Chunked, padded and hierarchical exchanges (nodes {0, 1} and {2, 3}) against the one-process model, and
+    bitwise against the unchunked flat exchange of the same layout (the experts' arithmetic is the same)."""
+    init(rank, world_size, port, ranks_per_node=2)
+    os.environ["LOCAL_RANK"] = str((0, 1, 2, 0)[rank])  # nodes {0, 1, 2} and {3}: refused, nothing created
+    with pytest.raises(NodeLayoutError, match="moe.a2a"):
+        node_layout(4)
+    os.environ["LOCAL_RANK"] = str(rank % 2)
+    for ep_size, chunks in ((2, 3), (4, 2)):  # 4 local experts in chunks of 1, 1, 2; 2 in chunks of 1, 1
+        for top_k, dropless, shared_expert in ((2, False, True), (1, True, False)):
+            unchunked = {}
+            for exchange, a2a, a2a_chunks in (("ragged", "flat", 1), ("ragged", "flat", chunks),
+                                              ("padded", "flat", 1), ("padded", "flat", chunks),
+                                              ("padded", "hierarchical", 1), ("padded", "hierarchical", chunks),
+                                              ("ragged", "hierarchical", chunks)):
+                ep_keys = dict(exchange=exchange, a2a=a2a, a2a_chunks=a2a_chunks)
+                y, grads = check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless,
+                                                          ep_keys=ep_keys, shared_expert=shared_expert)
+                if exchange not in unchunked:
+                    unchunked[exchange] = y, grads
+                    continue
+                y_ref, grads_ref = unchunked[exchange]
+                assert torch.equal(y, y_ref), (ep_size, exchange, a2a, a2a_chunks)
+                assert all(torch.equal(grads[name], grads_ref[name]) for name in grads), (ep_size, exchange, a2a)
+            (y_ragged, grads_ragged), (y_padded, grads_padded) = unchunked["ragged"], unchunked["padded"]
+            torch.testing.assert_close(y_padded, y_ragged, rtol=1e-5, atol=1e-6)
+            for name in grads_ragged:  # padding slots add exact zeros; only the GEMMs' summation order may differ
+                torch.testing.assert_close(grads_padded[name], grads_ragged[name], rtol=1e-5, atol=1e-6)
+    for exchange in ("ragged", "padded"):  # EP rank 0 sends everything and receives nothing
+        check_ep_equals_single_process(rank, world_size, 2, 2, False, skewed=True,
+                                       ep_keys=dict(exchange=exchange, a2a_chunks=2))
+    padded = dict(exchange="padded", a2a="hierarchical", a2a_chunks=2)  # routing policies bound by capacity too
+    check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, overflow="reroute")
+    check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, routing="expert_choice",
+                                   balance="none")
+
+
+@pytest.mark.slow
+def test_chunked_padded_hierarchical_exchanges_equal_single_process_and_unchunked_bitwise():
+    spawn(_exchange_worker, 4)
 
 
 class TinyMoEModel(torch.nn.Module):

@@ -83,6 +83,13 @@ class _SwiGLUMLP(torch.autograd.Function):
         return grad_x, grad_w13, grad_w2, None, None, None, grad_row_weight
 
 
+def swiglu_experts(rows: torch.Tensor, tokens_per_expert: torch.Tensor, w13: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """rows (R, D) sorted by expert -> (R, D) through experts (w13, w2) stacked along dim 0: what the EP
+    exchange runs on each chunk's slice of the local experts."""
+    return _SwiGLUMLP.apply(rows, w13, w2, tokens_per_expert, None, None, None)
+
+
 class SwiGLUExperts(nn.Module):
     """Experts [first_expert, first_expert + num_local_experts) of num_experts, as stacked SwiGLU weights.
 

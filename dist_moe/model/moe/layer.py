@@ -19,9 +19,10 @@ from torch.distributed import ProcessGroup
 
 from dist_moe.config import Config, expert_width
 from dist_moe.model.moe.dispatch import expert_capacity, expert_choice_route, reroute, route
-from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts
+from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts, swiglu_experts
 from dist_moe.model.moe.router import Router
 from dist_moe.parallel.exchange import ExpertExchange
+from dist_moe.parallel.groups import node_layout
 
 
 @dataclass
@@ -76,7 +77,11 @@ class MoELayer(nn.Module):
         self.cfg, self.ep_group = cfg, ep_group if m.ep_size > 1 else None
         self.num_experts, self.ep_size = m.num_experts, m.ep_size
         self.num_local_experts = m.num_experts // m.ep_size
-        self.exchange = ExpertExchange(self.ep_group, self.num_local_experts) if self.ep_group is not None else None
+        self.exchange = None
+        if self.ep_group is not None:
+            nodes = node_layout(m.ep_size) if m.a2a == "hierarchical" else None
+            self.exchange = ExpertExchange(self.ep_group, self.num_local_experts, m.a2a_chunks,
+                                           m.exchange == "padded", nodes)
         ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else 0
         self.router = Router(d_model, m.num_experts, m.top_k, m.noise, m.noise_eps, score=m.score, balance=m.balance,
                              aux_loss_scope=m.aux_loss_scope, aux_loss_accumulate=m.aux_loss_accumulate,
@@ -112,15 +117,16 @@ class MoELayer(nn.Module):
                                                      m.reroute_tries, m.drop_policy)
                 rerouted = rerouted.sum()
             plan = route(indices, weights, self.num_experts, capacity, m.drop_policy, m.normalize_weights)
+        shared = None if self.shared_mlp is None else (lambda: self.shared_mlp(tokens))
         if self.exchange is None:  # the experts permute, gate-weight and combine their rows themselves
             y = self.experts(tokens, plan.tokens_per_expert, (plan.token_index, plan.row_index, plan.row_weights()))
-        else:
-            rows = plan.permute(tokens)  # (k*B*T, D) expert-ordered, dropped last
-            received, local_counts, trip = self.exchange.to_experts(rows, plan.tokens_per_expert)
-            rows = self.exchange.from_experts(self.experts(received, local_counts), trip)
+            shared_y = shared() if shared is not None else None
+        else:  # rows (k*B*T, D) expert-ordered, dropped last, to their experts' ranks and back; shared under it
+            rows, shared_y = self.exchange(plan.permute(tokens), plan.tokens_per_expert, plan.capacity,
+                                           swiglu_experts, (self.experts.w13, self.experts.w2), beside=shared)
             y = plan.combine(rows)  # gate-weighted sum in fp32, x's dtype
-        if self.shared_mlp is not None:
-            y = y + self.shared_mlp(tokens)
+        if shared_y is not None:
+            y = y + shared_y
         routed = len(tokens) * (1 if m.routing == "expert_choice" else m.top_k)
         self.last_stats = MoEStats.of(gating.stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
                                       routed, rerouted)
