@@ -173,9 +173,10 @@ class ClusterConfig:
 
 @dataclass
 class InitConfig:
-    from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE): its shape, weights, tokenizer")
-    upcycle_from: str = _f("", "start from a dense transformers Llama folder: every expert a copy of its FFN "
-                               "(sparse upcycling; needs moe.top_k >= 2)")
+    from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE): its shape, "
+                          "weights, tokenizer")
+    upcycle_from: str = _f("", "start from a dense transformers Llama or Qwen3 folder: every expert a copy of its "
+                               "FFN (sparse upcycling; needs moe.top_k >= 2)")
 
 
 @dataclass
