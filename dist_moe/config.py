@@ -51,6 +51,7 @@ class ModelConfig:
     max_seq_len: int = _f(256, "longest sequence the model is run on")
     attention_window: int = _f(0, "sliding-window attention width (Mistral-style); 0 = full causal")
     attention: str = _f("full", "full (causal) | moba (mixture of block attention, the moba.* keys)")
+    qk_norm: bool = _f(False, "RMSNorm each head's q and k over head_dim before RoPE (Qwen3), eps = norm_eps")
     rope_theta: float = _f(10000.0, "RoPE base")
     # RoPE scaling keys are transformers' rope_parameters names with a rope_ prefix (docs/export.md)
     rope_scaling: str = _f("none", "context extension: none | linear | ntk | yarn (transformers' rope_type)")
@@ -190,9 +191,10 @@ class ClusterConfig:
 
 @dataclass
 class InitConfig:
-    from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE): its shape, weights, tokenizer")
-    upcycle_from: str = _f("", "start from a dense transformers Llama folder: every expert a copy of its FFN "
-                               "(sparse upcycling; needs moe.top_k >= 2)")
+    from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE): its shape, "
+                          "weights, tokenizer")
+    upcycle_from: str = _f("", "start from a dense transformers Llama or Qwen3 folder: every expert a copy of its "
+                               "FFN (sparse upcycling; needs moe.top_k >= 2)")
 
 
 @dataclass

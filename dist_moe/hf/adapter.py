@@ -8,8 +8,11 @@ Choice per config (docs/export.md has the table):
   k=1), a shared expert. Qwen2-MoE always has a shared expert behind a sigmoid gate: the gate is written as
   zeros (sigmoid(0) = 1/2) with the shared expert's down projection doubled, which is exact in every
   float format; without a shared expert it is one hidden unit of zeros. q/k/v have no bias (qkv_bias off).
-Refused, with one line naming the key: moe.moe_every=0 (a dense model) and model.rope_scaling=ntk
-(transformers' `dynamic` rescales with the sequence length: another model).
+- Qwen3-MoE (`Qwen3MoeForCausalLM`) whenever model.qk_norm is on: the one MoE class with per-head q/k
+  RMSNorm; otherwise Qwen2-MoE's layout (decoder_sparse_step, norm_topk_prob) without a shared expert.
+Refused, with one line naming the key: moe.moe_every=0 (a dense model), model.rope_scaling=ntk
+(transformers' `dynamic` rescales with the sequence length: another model), and a shared expert with
+model.qk_norm (Qwen3-MoE has none).
 
 Names: "checkpoint" state dicts use the names DeepSpeed's files hold (the dense model file plus per-expert
 `...deepspeed_moe.experts.deepspeed_experts.{global id}.w{1,2,3}.weight`); "module" state dicts are what
@@ -29,12 +32,15 @@ from dist_moe.config import Config, ConfigError, expert_width, head_dim, is_moe_
 ATTENTION = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
              "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
              "attn.wo.weight": "self_attn.o_proj.weight", "ffn_norm.weight": "post_attention_layernorm.weight"}
+QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
 SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # ours (Shazeer's names) -> Llama's
 TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
        "lm_head.weight": "lm_head.weight"}
 EXPERT_KEY = re.compile(r"blocks\.(\d+)\.ffn\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight")
 GATE_KEY = "deepspeed_moe.gate.wg.weight"
-ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+QK_NORM_KINDS = ("qwen3", "qwen3_moe")  # transformers' model_types with per-head q/k RMSNorm
 
 
 def architecture(cfg: Config) -> str:
@@ -42,7 +48,7 @@ def architecture(cfg: Config) -> str:
     m, moe = cfg.model, cfg.moe
     if moe.moe_every == 0:
         raise ConfigError("config key 'moe.moe_every' = 0: a dense model; export writes transformers' MoE "
-                          "architectures (Mixtral, Qwen2-MoE)")
+                          "architectures (Mixtral, Qwen2-MoE, Qwen3-MoE)")
     if m.attention == "moba":
         raise ConfigError("config key 'model.attention' = 'moba': transformers has no mixture-of-block attention "
                           "(an exported model would attend to every key); expected full")
@@ -51,11 +57,16 @@ def architecture(cfg: Config) -> str:
                           "(its 'dynamic' rescales with the sequence length); expected none | linear | yarn")
     for key, value, expected in (("moe.score", moe.score, "softmax"), ("moe.routing", moe.routing, "token_choice")):
         if value != expected:
-            raise ConfigError(f"config key '{key}' = {value!r}: transformers' Mixtral and Qwen2-MoE route by "
+            raise ConfigError(f"config key '{key}' = {value!r}: transformers' MoE classes route by "
                               f"{expected} only; expected {expected!r} (docs/routing.md)")
     if moe.balance in ("aux_free", "both"):
         raise ConfigError(f"config key 'moe.balance' = {moe.balance!r}: its selection bias changes which experts a "
-                          "token gets, and transformers' Mixtral and Qwen2-MoE have none; expected aux or none")
+                          "token gets, and transformers' MoE classes have none; expected aux or none")
+    if m.qk_norm:
+        if moe.shared_expert:
+            raise ConfigError("config key 'moe.shared_expert' = True: with model.qk_norm the model exports as "
+                              "Qwen3-MoE, which has no shared expert; expected false")
+        return "qwen3_moe"
     mixtral = moe.moe_every == 1 and not moe.shared_expert and moe.top_k >= 2 and moe.normalize_weights
     return "mixtral" if mixtral else "qwen2_moe"
 
@@ -92,13 +103,21 @@ def hf_config(cfg: Config, eos_id: int, dtype: torch.dtype):
                                           num_local_experts=moe.num_experts,
                                           sliding_window=m.attention_window or None, router_jitter_noise=0.0)
     window = m.attention_window > 0
+    qwen = dict(intermediate_size=m.d_ff, moe_intermediate_size=expert_width(cfg), num_experts=moe.num_experts,
+                decoder_sparse_step=moe.moe_every, mlp_only_layers=[],
+                norm_topk_prob=moe.normalize_weights and moe.top_k > 1, use_sliding_window=window,
+                sliding_window=m.attention_window or None)
+    if kind == "qwen3_moe":  # the window, when set, is on every layer
+        return transformers.Qwen3MoeConfig(**common, **qwen, attention_bias=False)
     return transformers.Qwen2MoeConfig(
-        **common, intermediate_size=m.d_ff, moe_intermediate_size=expert_width(cfg), num_experts=moe.num_experts,
-        shared_expert_intermediate_size=expert_width(cfg) if moe.shared_expert else 1,
-        decoder_sparse_step=moe.moe_every, mlp_only_layers=[], norm_topk_prob=moe.normalize_weights and moe.top_k > 1,
-        qkv_bias=False, use_sliding_window=window, sliding_window=m.attention_window or None,
-        max_window_layers=m.num_layers if window else 0,
+        **common, **qwen, shared_expert_intermediate_size=expert_width(cfg) if moe.shared_expert else 1,
+        qkv_bias=False, max_window_layers=m.num_layers if window else 0,
         layer_types=["sliding_attention" if window else "full_attention"] * m.num_layers)
+
+
+def attention_names(m) -> dict[str, str]:
+    """A block's attention and norm weights, ours -> transformers'."""
+    return {**ATTENTION, **QK_NORM} if m.qk_norm else ATTENTION
 
 
 def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -124,7 +143,7 @@ def _moe_names(kind: str, layer: int) -> tuple[str, str, Callable[[int, str], st
     if kind == "mixtral":
         moe = prefix + "block_sparse_moe."
         return moe + "gate.weight", "", lambda e, w: f"{moe}experts.{e}.{w}.weight"
-    return (prefix + "mlp.gate.weight", prefix + "mlp.shared_expert.",
+    return (prefix + "mlp.gate.weight", prefix + "mlp.shared_expert.",  # Qwen2-MoE and Qwen3-MoE
             lambda e, w: f"{prefix}mlp.experts.{e}.{SWIGLU[w]}.weight")
 
 
@@ -135,7 +154,7 @@ def checkpoint_to_hf(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, t
     out = {TOP[k]: v for k, v in state.items() if k in TOP and not (k == "lm_head.weight" and m.tie_embeddings)}
     for i in range(m.num_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        out.update({theirs + hf: state[ours + name] for name, hf in ATTENTION.items()})
+        out.update({theirs + hf: state[ours + name] for name, hf in attention_names(m).items()})
         if not is_moe_layer(cfg, i):
             out.update({f"{theirs}mlp.{hf}.weight": state[f"{ours}ffn.{w}.weight"] for w, hf in SWIGLU.items()})
             continue
@@ -173,9 +192,9 @@ def _refuse(path: str, key: str, value, expected: str) -> ConfigError:
 def apply_hf_config(hf: dict, cfg: Config, path: str, dense: bool = False) -> None:
     """Set cfg.model (and cfg.moe unless dense) from a transformers config.json dict, or refuse naming the key.
 
-    MoE: mixtral, qwen2_moe. Dense (upcycling): llama; the MoE shape then stays cfg.moe's.
+    MoE: mixtral, qwen2_moe, qwen3_moe. Dense (upcycling): llama, qwen3; the MoE shape then stays cfg.moe's.
     """
-    kinds = ("llama",) if dense else ("mixtral", "qwen2_moe")
+    kinds = ("llama", "qwen3") if dense else ("mixtral", "qwen2_moe", "qwen3_moe")
     kind = hf.get("model_type")
     if kind not in kinds:
         raise _refuse(path, "model_type", kind, " | ".join(kinds))
@@ -191,9 +210,11 @@ def apply_hf_config(hf: dict, cfg: Config, path: str, dense: bool = False) -> No
     m.d_ff, m.max_seq_len = hf["intermediate_size"], hf["max_position_embeddings"]
     m.norm_eps, m.tie_embeddings = hf["rms_norm_eps"], bool(hf.get("tie_word_embeddings", False))
     m.init_std = hf.get("initializer_range", m.init_std)
+    m.qk_norm = kind in QK_NORM_KINDS
     _apply_rope(hf, m, path)
     types = set(hf.get("layer_types") or [])
-    window = hf.get("sliding_window") if (kind == "mixtral" or "sliding_attention" in types) else None
+    on_every_layer = kind == "mixtral" or (kind == "qwen3_moe" and hf.get("use_sliding_window"))
+    window = hf.get("sliding_window") if (on_every_layer or "sliding_attention" in types) else None
     if len(types) > 1:
         raise _refuse(path, "layer_types", sorted(types), "one attention kind on every layer")
     m.attention_window = window or 0
@@ -204,7 +225,10 @@ def apply_hf_config(hf: dict, cfg: Config, path: str, dense: bool = False) -> No
     if kind == "mixtral":
         moe.num_experts, moe.d_expert, moe.moe_every, moe.normalize_weights = hf["num_local_experts"], m.d_ff, 1, True
         return
-    moe.num_experts, moe.d_expert = hf["num_experts"], hf["moe_intermediate_size"]
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (its attribute_map); Qwen's files
+    # say num_experts
+    moe.num_experts = hf["num_experts"] if "num_experts" in hf else hf["num_local_experts"]
+    moe.d_expert = hf["moe_intermediate_size"]
     moe.moe_every = hf["decoder_sparse_step"]
     if hf.get("mlp_only_layers"):
         raise _refuse(path, "mlp_only_layers", hf["mlp_only_layers"], "[] (dense layers come from decoder_sparse_step)")
@@ -251,7 +275,7 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
             if bias is not None and bias.any():
                 raise ConfigError(f"{path}: {theirs}self_attn.{proj}.bias is not zero (dist_moe's attention has "
                                   "no bias)")
-        out.update({ours + name: hf_state[theirs + hf] for name, hf in ATTENTION.items()})
+        out.update({ours + name: hf_state[theirs + hf] for name, hf in attention_names(m).items()})
         if not is_moe_layer(cfg, i):
             out.update({f"{ours}ffn.{w}.weight": hf_state[f"{theirs}mlp.{hf}.weight"] for w, hf in SWIGLU.items()})
             continue
@@ -262,7 +286,7 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
         for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts).items():
             out.update({f"{ours}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{w}.weight": t
                         for e, t in enumerate(weights)})
-        if not mixtral:
+        if kind == "qwen2_moe":
             _shared_from_qwen2(out, hf_state, ours, moe_prefix, cfg, path)
     return out
 

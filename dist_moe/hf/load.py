@@ -2,12 +2,13 @@
 dense-to-MoE sparse upcycling (`init.upcycle_from`, Komatsuzaki et al. 2022).
 
 Import takes the model's shape from its config.json (adapter.apply_hf_config) and its weights from the
-safetensors files, each rank loading only its own experts. Upcycling takes a dense Llama: attention, norms,
-embeddings and the dense layers as they are, and in every MoE layer each expert a copy of the dense FFN with
-the router kept at its small random init. With identical experts and top-k weights renormalised to sum to
-1, the MoE layer outputs the dense FFN for any router, so the model starts at the dense model's loss
-(dropless: a dropped token would lose its FFN output). The tokenizer comes with the folder: training needs
-its sentencepiece `tokenizer.model` (dist-moe export writes one); generation uses transformers' tokenizer.
+safetensors files, each rank loading only its own experts. Upcycling takes a dense Llama or Qwen3:
+attention (with Qwen3's q/k norms), norms, embeddings and the dense layers as they are, and in every MoE
+layer each expert a copy of the dense FFN with the router kept at its small random init. With identical
+experts and top-k weights renormalised to sum to 1, the MoE layer outputs the dense FFN for any router,
+so the model starts at the dense model's loss (dropless: a dropped token would lose its FFN output). The
+tokenizer comes with the folder: training needs its sentencepiece `tokenizer.model` (dist-moe export
+writes one); generation uses transformers' tokenizer.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def upcycled_state(hf_state: dict[str, torch.Tensor], cfg: Config, model: torch.
     """Checkpoint-named weights of the MoE: the dense model's, its FFN copied into every expert, routers as
     the model initialised them."""
     dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, moe_every=0))
-    dense = adapter.hf_to_checkpoint(hf_state, dense_cfg, "llama", "")
+    dense = adapter.hf_to_checkpoint(hf_state, dense_cfg, "dense", "")
     own = adapter.checkpoint_names(model.state_dict())
     state = {}
     for i in range(cfg.model.num_layers):

@@ -5,6 +5,8 @@ kernel on Hopper at D = 128) on CUDA when it supports the shape, and PyTorch SDP
 repeated in memory on either path.
 MHA (num_kv_heads = num_heads) and MQA (num_kv_heads = 1) are the two ends of GQA. A layer built with a
 MoBAConfig attends through MoBA instead (model/moba.py: block-sparse, chosen per query by a gate).
+With model.qk_norm each head's q and k get an RMSNorm over head_dim right before RoPE, as in Qwen3, so the
+cache, the kernel and MoBA all see normalised keys.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from dist_moe.config import MoBAConfig, ModelConfig, head_dim
 from dist_moe.model.moba import KeyConv, moba_attention
+from dist_moe.model.norm import RMSNorm
 from dist_moe.model.rope import apply_rope
 
 _notified: set[tuple] = set()
@@ -86,16 +89,18 @@ class GroupedQueryAttention(nn.Module):
         self.wo = nn.Linear(m.num_heads * self.head_dim, m.d_model, bias=False)
         use_conv = moba is not None and moba.key_conv > 0
         self.key_conv = KeyConv(m.num_kv_heads * self.head_dim, moba.key_conv) if use_conv else None
+        self.q_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, m.norm_eps) if m.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        q = self.q_norm(self.wq(x).view(B, T, self.num_heads, self.head_dim)).transpose(1, 2)  # (B, Hq, T, D)
         k = self.wk(x)  # (B, T, Hkv * D)
         if self.key_conv is not None:
             k, tail = self.key_conv(k, cache.key_conv_input if cache is not None else None)
             if cache is not None:
                 cache.key_conv_input = tail
-        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         offset = cache.length if cache is not None else 0
         q, k = apply_rope(q, cos, sin, offset), apply_rope(k, cos, sin, offset)

@@ -19,6 +19,7 @@ from dist_moe.config import Config, ConfigError, expert_width, is_moba_layer, is
 from dist_moe.model.attention import GroupedQueryAttention, KVCache
 from dist_moe.model.moe.experts import SwiGLU
 from dist_moe.model.moe.layer import MoELayer
+from dist_moe.model.norm import RMSNorm
 from dist_moe.model.rope import rope_cache
 
 
@@ -27,19 +28,6 @@ class ModelOutput:
     logits: torch.Tensor  # (B, T, V)
     aux_loss: torch.Tensor  # () load-balancing loss summed over MoE layers (unweighted)
     z_loss: torch.Tensor  # () router z-loss summed over MoE layers (unweighted)
-
-
-class RMSNorm(nn.Module):
-    """x / rms(x) * weight (Zhang & Sennrich 2019), through torch's fused kernel: one pass over x each way,
-    computed in fp32 and rounded once to x's dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Block(nn.Module):

@@ -23,7 +23,8 @@ BASE = ["model.vocab_size=96", "model.d_model=32", "model.num_layers=2", "model.
         "model.d_ff=48", "model.max_seq_len=64", "data.seq_len=64", "moe.num_experts=4", "moe.top_k=2",
         "moe.d_expert=24", "moe.dropless=true", "model.init_std=0.15"]
 
-CASES = {  # between them: top-1/2/3, MHA/GQA/MQA, shared expert, moe_every=2, sliding window, RoPE none/linear/YaRN
+CASES = {  # between them: top-1/2/3, MHA/GQA/MQA, shared expert, moe_every=2, sliding window, RoPE none/linear/YaRN,
+    # per-head q/k norm
     "top2_gqa_sliding_window": (["model.attention_window=8"], "mixtral"),
     "top1_mqa_linear": (["moe.top_k=1", "model.num_kv_heads=1", "model.rope_scaling=linear", "model.rope_factor=2",
                          "model.tie_embeddings=false"], "qwen2_moe"),
@@ -34,6 +35,10 @@ CASES = {  # between them: top-1/2/3, MHA/GQA/MQA, shared expert, moe_every=2, s
          "moe.normalize_weights=false", "model.attention_window=8", "model.rope_scaling=yarn", "model.rope_factor=4",
          "model.rope_original_max_position_embeddings=16", "model.rope_mscale=0.8", "model.rope_mscale_all_dim=0.5",
          "model.rope_truncate=false"], "qwen2_moe"),
+    "qk_norm_top2_moe_every_2_sliding_head_dim_16": (
+        ["model.qk_norm=true", "moe.moe_every=2", "model.head_dim=16", "model.attention_window=8"], "qwen3_moe"),
+    "qk_norm_top1_mqa_linear": (["model.qk_norm=true", "moe.top_k=1", "model.num_kv_heads=1",
+                                 "model.rope_scaling=linear", "model.rope_factor=2"], "qwen3_moe"),
 }
 
 
@@ -41,9 +46,9 @@ def tiny_model(overrides: list[str], seed: int = 0) -> tuple[Config, Transformer
     cfg = load_config("tiny", BASE + overrides)
     torch.manual_seed(seed)
     model = Transformer(cfg).eval()
-    for block in model.blocks:  # norms away from 1, so a mapping that mixes them up shows
-        for norm in (block.attn_norm, block.ffn_norm):
-            norm.weight.data.uniform_(0.5, 1.5)
+    for name, p in model.named_parameters():  # norms away from 1, so a mapping that mixes them up shows
+        if name.endswith("norm.weight"):
+            p.data.uniform_(0.5, 1.5)
     return cfg, model
 
 
@@ -80,10 +85,11 @@ def test_sharded_above_the_size_limit(tmp_path):
         assert (model(tokens).logits - hf(tokens).logits).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("override, key", [("moe.moe_every=0", "moe.moe_every"),
-                                           ("model.rope_scaling=ntk", "model.rope_scaling")])
-def test_unrepresentable_config_is_refused_naming_the_key(override, key):
-    cfg = load_config("tiny", BASE + [override, "model.rope_factor=2"])
+@pytest.mark.parametrize("overrides, key", [(["moe.moe_every=0"], "moe.moe_every"),
+                                            (["model.rope_scaling=ntk"], "model.rope_scaling"),
+                                            (["model.qk_norm=true", "moe.shared_expert=true"], "moe.shared_expert")])
+def test_unrepresentable_config_is_refused_naming_the_key(overrides, key):
+    cfg = load_config("tiny", BASE + overrides + ["model.rope_factor=2"])
     with pytest.raises(ConfigError, match=f"'{key}'") as info:
         adapter.architecture(cfg)
     assert "\n" not in str(info.value)

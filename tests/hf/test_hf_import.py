@@ -1,7 +1,8 @@
 """Import and upcycling: checkpoints made by transformers itself from a random init (nothing downloaded).
 
 init.from_hf: our model with the folder's shape and weights gives transformers' logits (1e-4, float32,
-dropless). init.upcycle_from: a dense Llama becomes our MoE whose loss at step 0 equals the dense model's.
+dropless) and greedy tokens. init.upcycle_from: a dense Llama or Qwen3 becomes our MoE whose loss at step 0
+equals the dense model's.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import ConfigError, load_config
 from dist_moe.hf import load
-from dist_moe.model.transformer import Transformer
+from dist_moe.model.transformer import Transformer, generate
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,6 +58,11 @@ CASES = {
              num_experts=4, num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=2, qkv_bias=False,
              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                               "original_max_position_embeddings": 16}), zero_shared_gate),
+    "qwen3_moe_qk_norm_moe_every_2_sliding_head_dim_16": (
+        transformers.Qwen3MoeConfig,
+        dict(num_hidden_layers=4, intermediate_size=40, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+             norm_topk_prob=True, decoder_sparse_step=2, head_dim=16, use_sliding_window=True, sliding_window=8),
+        None),
 }
 
 
@@ -66,11 +72,15 @@ def test_imported_model_gives_transformers_logits(case, tmp_path):
     hf = save_random(config_class(**{**SHAPE, **shape}), tmp_path, edit)
     ours = ours_from("from_hf", tmp_path)
     assert ours.cfg.moe.shared_expert == (edit is not None)
+    assert ours.cfg.model.qk_norm == (config_class is transformers.Qwen3MoeConfig)
     tokens = torch.randint(0, 80, (2, 40), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected, got = hf(tokens).logits, ours(tokens).logits
     assert expected.abs().max() > 1.0
     assert (got - expected).abs().max() < 1e-4
+    prompt = tokens[:1, :8]  # and 32 greedy tokens the same ids
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, top_k=None, temperature=None, eos_token_id=None)
+    assert theirs.tolist() == generate(ours, prompt, 32, temperature=0).tolist()
 
 
 def test_gated_shared_expert_is_refused_naming_the_weight(tmp_path):
@@ -81,9 +91,11 @@ def test_gated_shared_expert_is_refused_naming_the_weight(tmp_path):
         ours_from("from_hf", tmp_path)
 
 
-def test_upcycled_moe_starts_at_the_dense_models_loss(tmp_path):
-    dense = save_random(transformers.LlamaConfig(**SHAPE, intermediate_size=48), tmp_path)
+@pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.Qwen3Config])
+def test_upcycled_moe_starts_at_the_dense_models_loss(config_class, tmp_path):
+    dense = save_random(config_class(**SHAPE, intermediate_size=48, head_dim=8), tmp_path)
     ours = ours_from("upcycle_from", tmp_path, ["moe.num_experts=4", "moe.top_k=2"])
+    assert ours.cfg.model.qk_norm == (config_class is transformers.Qwen3Config)
     block = ours.blocks[0].ffn
     assert block.experts.w13.shape == (4, 32, 96) and torch.equal(block.experts.w13[0], block.experts.w13[3])
     std = block.router.weight.std().item()  # the router: random at the init scale (initializer_range)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from dist_moe.config import ModelConfig
+from dist_moe.config import MoBAConfig, ModelConfig
 from dist_moe.model.attention import GroupedQueryAttention, KVCache, attention
-from dist_moe.model.rope import rope_cache
+from dist_moe.model.moba import moba_attention_reference
+from dist_moe.model.rope import apply_rope, rope_cache
 
 
 def naive_attention(q, k, v, causal, window, offset=0):
@@ -39,11 +40,42 @@ def test_queries_against_a_longer_cache_are_the_last_positions():
         assert torch.allclose(attention(q, k, v, True, window), naive_attention(q, k, v, True, window), atol=1e-10)
 
 
-@pytest.mark.parametrize("window", [0, 6])
-def test_kv_cache_decoding_equals_the_full_forward(window):
+def qk_norm_layer(m: ModelConfig, moba: MoBAConfig | None = None) -> GroupedQueryAttention:
+    torch.manual_seed(4)
+    layer = GroupedQueryAttention(m, moba).double()
+    with torch.no_grad():
+        layer.q_norm.weight.uniform_(0.5, 1.5)
+        layer.k_norm.weight.uniform_(0.5, 1.5)
+    return layer
+
+
+@pytest.mark.parametrize("moba", [None, MoBAConfig(block_size=8, top_k=1, key_conv=3)])
+def test_qk_norm_normalises_each_head_before_rope_as_a_float64_reference(moba):
+    m = ModelConfig(d_model=64, num_heads=8, num_kv_heads=2, max_seq_len=40, qk_norm=True, norm_eps=1e-5)
+    layer = qk_norm_layer(m, moba)
+    cos, sin = (t.double() for t in rope_cache(m, 40))
+    x = 3 * torch.randn(2, 40, 64, dtype=torch.float64)
+
+    def head_rms_norm(y, heads, weight):  # (B, T, heads * D) -> (B, heads, T, D): y / rms(y) * weight per head
+        y = y.view(2, 40, heads, 8)
+        return (y / (y.pow(2).mean(-1, keepdim=True) + m.norm_eps).sqrt() * weight).transpose(1, 2)
+
+    k = x @ layer.wk.weight.T
+    if moba is not None:
+        k = layer.key_conv(k)[0]
+    q = apply_rope(head_rms_norm(x @ layer.wq.weight.T, 8, layer.q_norm.weight), cos, sin)
+    k = apply_rope(head_rms_norm(k, 2, layer.k_norm.weight), cos, sin)
+    v = (x @ layer.wv.weight.T).view(2, 40, 2, 8).transpose(1, 2)
+    y = naive_attention(q, k, v, True, 0) if moba is None else moba_attention_reference(q, k, v, 8, 1)
+    expected = y.transpose(1, 2).reshape(2, 40, 64) @ layer.wo.weight.T
+    assert torch.allclose(layer(x, cos, sin), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("window, qk_norm", [(0, False), (6, False), (6, True)])
+def test_kv_cache_decoding_equals_the_full_forward(window, qk_norm):
     torch.manual_seed(3)
-    m = ModelConfig(d_model=64, num_heads=8, num_kv_heads=2, max_seq_len=32, attention_window=window)
-    layer = GroupedQueryAttention(m).double()
+    m = ModelConfig(d_model=64, num_heads=8, num_kv_heads=2, max_seq_len=32, attention_window=window, qk_norm=qk_norm)
+    layer = qk_norm_layer(m) if qk_norm else GroupedQueryAttention(m).double()
     cos, sin = rope_cache(m, 32)
     cos, sin = cos.double(), sin.double()
     x = torch.randn(2, 12, 64, dtype=torch.float64)
