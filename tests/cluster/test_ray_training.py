@@ -136,8 +136,8 @@ def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_
                       "cluster.stop_timeout_s=90", f"run_dir={run_dir}", f"data.cache_dir={cache}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+)", result.stdout).group(1)
-    wait_for_steps(run_dir, 3, lambda: "RUNNING" in dist_moe("status", "--address", ray_head, job_id,
-                                                             cwd=tmp_path).stdout, timeout=400)
+    wait_for_steps(run_dir, 3, lambda: any(state in dist_moe("status", "--address", ray_head, job_id, cwd=tmp_path).stdout
+                                           for state in ("PENDING", "RUNNING")), timeout=400)  # not ended
     signalled_after = len(logged_steps(run_dir))
     start = time.monotonic()
     assert dist_moe("stop", "--address", ray_head, job_id, cwd=tmp_path).returncode == 0

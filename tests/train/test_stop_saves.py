@@ -9,6 +9,7 @@ import pytest
 
 from cli_runs import SMALL, command, dist_moe
 from dist_moe.config import ConfigError, load_config
+from dist_moe.train import checkpoint
 from dist_moe.train.stop import SaveClock
 from stopped_runs import assert_saved_on_stop, logged_steps, wait_for_steps
 
@@ -45,6 +46,10 @@ def test_nproc2_sigterm_to_the_parent_saves_every_rank_and_resume_continues(tmp_
                                     cache_dir=cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_steps(run_dir, 4, lambda: proc.poll() is None)
+        deadline = time.monotonic() + 120
+        while not checkpoint.candidates(run_dir):  # a wall-clock save first (fast steps may beat 0.6 s)
+            assert proc.poll() is None and time.monotonic() < deadline, "no wall-clock checkpoint"
+            time.sleep(0.1)
         signalled_after = len(logged_steps(run_dir))
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
