@@ -28,6 +28,8 @@ from typing import Callable
 import torch
 
 from dist_moe.config import Config, ConfigError, expert_width, head_dim, is_moe_layer
+from dist_moe.train.deepspeed_keys import EXPERT_KEY as DEEPSPEED_EXPERT_KEY
+from dist_moe.train.deepspeed_keys import GATE_KEY
 
 ATTENTION = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
              "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
@@ -36,8 +38,8 @@ QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight"
 SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # ours (Shazeer's names) -> Llama's
 TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
        "lm_head.weight": "lm_head.weight"}
-EXPERT_KEY = re.compile(r"blocks\.(\d+)\.ffn\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.weight")
-GATE_KEY = "deepspeed_moe.gate.wg.weight"
+EXPERT_KEY = re.compile(r"blocks\.(\d+)\.ffn\." + re.escape(DEEPSPEED_EXPERT_KEY).replace(r"\{\}", "{}").format(
+    r"(\d+)", r"(w[123])"))  # a checkpoint's expert key: (layer, global expert id, w1 | w2 | w3)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 QK_NORM_KINDS = ("qwen3", "qwen3_moe")  # transformers' model_types with per-head q/k RMSNorm
@@ -130,7 +132,7 @@ def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif name in ("experts.w13", "experts.w2"):
             stacks = dict(zip(("w1", "w3"), value.chunk(2, dim=2))) if name == "experts.w13" else {"w2": value}
             for w, stacked in stacks.items():  # (E, in, out) -> nn.Linear's (out, in) per expert
-                out.update({f"{prefix}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{w}.weight": stacked[e].t()
+                out.update({prefix + "ffn." + DEEPSPEED_EXPERT_KEY.format(e, w): stacked[e].t()
                             for e in range(stacked.shape[0])})
         elif name != "router.noise_weight":
             out[key] = value
@@ -284,7 +286,7 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
         out[f"{ours}ffn.{GATE_KEY}"] = hf_state[moe_prefix + "gate.weight"]
         names = {w: w for w in SWIGLU} if mixtral else SWIGLU
         for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts).items():
-            out.update({f"{ours}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{w}.weight": t
+            out.update({ours + "ffn." + DEEPSPEED_EXPERT_KEY.format(e, w): t
                         for e, t in enumerate(weights)})
         if kind == "qwen2_moe":
             _shared_from_qwen2(out, hf_state, ours, moe_prefix, cfg, path)

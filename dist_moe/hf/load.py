@@ -107,7 +107,7 @@ def upcycled_state(hf_state: dict[str, torch.Tensor], cfg: Config, model: torch.
             state.update({f"blocks.{i}.ffn.{w}.weight": t for w, t in ffn.items()})
             continue
         state[f"blocks.{i}.ffn.{adapter.GATE_KEY}"] = own[f"blocks.{i}.ffn.{adapter.GATE_KEY}"]
-        state.update({f"blocks.{i}.ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{w}.weight": t
+        state.update({f"blocks.{i}.ffn." + adapter.DEEPSPEED_EXPERT_KEY.format(e, w): t
                       for e in range(cfg.moe.num_experts) for w, t in ffn.items()})
     return {**dense, **state}
 
