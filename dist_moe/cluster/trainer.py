@@ -28,6 +28,9 @@ from dist_moe.config import ClusterConfig, Config, to_yaml
 # both to the driver: every worker line came out twice. Turned off for the workers we start.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 STOP_FILE = "STOP"  # in the run dir: asks the workers to save the current step and return
+# Ray Train (2.60) counts the nodes it can resize onto through Ray Data's AutoscalingCoordinator, which re-reads
+# the cluster every 20 s (its TICK_INTERVAL_S): a node that came back can take that long to count.
+RAY_TRAIN_NODE_VIEW_LAG_S = 20.0
 
 
 def _worker(loop_config: dict) -> None:
@@ -77,9 +80,10 @@ class GrowBack:
         return bool(flag.item())
 
     def wait(self) -> None:
-        """Ray Train resizes within one check interval; if it has not after two (the room went to something
-        else), train on and look again after another two."""
-        time.sleep(2 * self.interval_s)
+        """Ray Train resizes at its first check once it counts the node, which lags (RAY_TRAIN_NODE_VIEW_LAG_S);
+        if it has not after that lag and two checks (the room went to something else), train on and look
+        again after another two checks."""
+        time.sleep(RAY_TRAIN_NODE_VIEW_LAG_S + 2 * self.interval_s)
         self.next_check = time.monotonic() + 2 * self.interval_s
 
 

@@ -71,7 +71,10 @@ class NetnsCluster:
         self.env["PATH"] = ":".join(filter(None, [path_prefix, bindir, self.env["PATH"]]))
         # Ray's token auth, with a token of this cluster's own (a ~/.ray/auth_token would turn it on anyway)
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex, GLOO_SOCKET_IFNAME="eth0", RAY_DEDUP_LOGS="0",
-                        RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
+                        RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5",
+                        # after a node loss Ray Train first asks for the full group while the dead node still
+                        # counts as alive, and waits this long (60 s by default) before trying fewer workers
+                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="30")
         self.ray = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]  # `ray`, this venv's
         self.procs: dict[int, subprocess.Popen] = {}
         self._made: list[str] = []
@@ -108,20 +111,29 @@ class NetnsCluster:
 
     def _start_node(self, i: int):
         """Start node i's Ray; returns a check for "it has joined the cluster" (the line `ray start` prints)."""
-        common = ["--block", f"--node-ip-address={self.ips[i]}", "--disable-usage-stats",
-                  "--object-store-memory=100000000"]
-        if i == 0:
-            args = ["--head", f"--port={GCS_PORT}", "--num-cpus=0", "--include-dashboard=true",
-                    f"--dashboard-host={self.ips[0]}", f"--dashboard-port={DASHBOARD_PORT}",
-                    f"--temp-dir={self.temp / 'ray'}"]
-        else:
-            args = [f"--address={self.ips[0]}:{GCS_PORT}", f"--num-cpus={self.cpus_per_node}"]
         log_path = self.temp / f"node{i}.log"
         started_before = log_path.read_text().count(STARTED) if log_path.exists() else 0
+        # Each node its own Ray temp dir, as on separate machines. Without one a node takes the head's, and
+        # the nodes share runtime_resources/: each node's runtime-env agent, on first meeting a job's
+        # working_dir, deletes and unpacks it again there, under the driver running in it on the head.
+        # A restarted node gets a fresh one, or its log monitor would replay its dead workers' lines.
+        temp_dir = self.temp / f"ray{i}" if not started_before else self.temp / f"ray{i}.{started_before}"
+        common = ["--block", f"--node-ip-address={self.ips[i]}", "--disable-usage-stats",
+                  "--object-store-memory=100000000", f"--temp-dir={temp_dir}"]
+        if i == 0:
+            args = ["--head", f"--port={GCS_PORT}", "--num-cpus=0", "--include-dashboard=true",
+                    f"--dashboard-host={self.ips[0]}", f"--dashboard-port={DASHBOARD_PORT}"]
+        else:
+            args = [f"--address={self.ips[0]}:{GCS_PORT}", f"--num-cpus={self.cpus_per_node}"]
         self.procs[i] = subprocess.Popen(["ip", "netns", "exec", self.names[i], *self.ray, "start", *args, *common],
                                          env=self.env, stdout=open(log_path, "a"), stderr=subprocess.STDOUT,
                                          start_new_session=True)
         return lambda: log_path.read_text().count(STARTED) > started_before
+
+    def restart_node(self, node: int, timeout_s: float = 180) -> None:
+        """A killed node comes back: its Ray starts again and joins the cluster as a new node."""
+        assert node != 0 and node not in self.procs, "restart a worker node after kill_node"
+        self.wait_for(self._start_node(node), timeout_s, f"node {node} to rejoin")
 
     def exec(self, command: list[str], node: int = 0, **kwargs) -> subprocess.CompletedProcess:
         """Run `command` inside node `node`'s namespace (where the cluster's addresses are reachable)."""
@@ -204,8 +216,13 @@ def main() -> None:
           f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.env['RAY_AUTH_TOKEN']} GLOO_SOCKET_IFNAME=eth0\n"
           f"  ip netns exec {head} dist-moe submit --address {cluster.address} tiny run_dir=/tmp/run "
           f"cluster.num_workers={args.nodes - 1} ...")
-    print(f"kill a node:  ip netns pids {cluster.names[-1]} | xargs kill -9\nCtrl-C tears everything down.",
-          flush=True)
+    last = len(cluster.names) - 1
+    print(f"kill a node:  ip netns pids {cluster.names[last]} | xargs kill -9\n"
+          f"bring it back (a Ray temp dir of its own, see docs/launching.md):\n"
+          f"  ip netns exec {cluster.names[last]} ray start --address {cluster.ips[0]}:{GCS_PORT} "
+          f"--node-ip-address {cluster.ips[last]} --num-cpus {args.cpus_per_node} "
+          f"--temp-dir {cluster.temp}/ray{last}.1\n"
+          "Ctrl-C tears everything down.", flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -29,7 +29,10 @@ def test_grow_back_pending_only_below_num_workers_with_a_free_cpu_and_backs_off(
     assert not grow.pending(ctx)  # no room yet
     free["CPU"] = 1.0
     assert grow.pending(ctx)  # the node is back
+    slept = []
+    monkeypatch.setattr(trainer.time, "sleep", slept.append)
     grow.wait()  # no resize came: train on, and do not ask again for two checks
+    assert slept[0] >= trainer.RAY_TRAIN_NODE_VIEW_LAG_S + 2 * 0.05  # long enough for Ray Train to see the node
     assert not grow.pending(ctx)
     monkeypatch.setattr(trainer.time, "monotonic", lambda: float("inf"))
     assert grow.pending(ctx)
