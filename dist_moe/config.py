@@ -101,7 +101,10 @@ class MoEConfig:
     ep_size: int = _f(1, "expert-parallel size: experts are split over this many ranks")
     a2a_chunks: int = _f(1, "EP exchange in this many chunks of local experts, overlapped with expert compute")
     exchange: str = _f("ragged", "EP exchange layout: ragged (kept rows, one host sync per layer) | padded "
-                                 "(capacity slots per expert, sync-free; dropless pads to the token count)")
+                                 "(capacity slots per expert, sync-free; dropless pads to the token count) | "
+                                 "bounded (dropless: a learned bound of rows per peer, one host sync per forward)")
+    bound_factor: float = _f(1.25, "exchange=bounded: first bound on rows per peer, x the balanced load (grows "
+                                   "when a forward overflows it, which is then redone)")
     a2a: str = _f("flat", "EP all-to-all: flat | hierarchical (inside each node, then once across nodes)")
     impl: str = _f("dist_moe", "MoE implementation: dist_moe | deepspeed (deepspeed.moe.layer.MoE baseline)")
 
@@ -225,7 +228,7 @@ CHOICES = {
     "moe.balance": ("aux", "aux_free", "both", "none"),
     "moe.aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
     "moe.impl": ("dist_moe", "deepspeed"),
-    "moe.exchange": ("ragged", "padded"),
+    "moe.exchange": ("ragged", "padded", "bounded"),
     "moe.a2a": ("flat", "hierarchical"),
     "train.precision": ("auto", "fp32", "bf16"),
     "train.grad_accum_dtype": ("auto", "fp32", "bf16"),
@@ -394,6 +397,10 @@ def validate(cfg: Config) -> None:
          "false unless moe.aux_loss_scope=global_batch (only the global-batch loss accumulates)")
     need(moe.balance in ("aux", "both") or moe.aux_loss_scope == "micro_batch", "moe.aux_loss_scope",
          f"micro_batch with moe.balance={moe.balance} (no aux loss)")
+    need(moe.exchange != "bounded" or moe.dropless, "moe.exchange",
+         "ragged or padded unless moe.dropless=true (bounded is for dropless; with a capacity padded is exact "
+         "and needs no host sync)")
+    need(moe.bound_factor > 0, "moe.bound_factor", "> 0")
     need(moe.routing == "token_choice" or not moe.dropless, "moe.dropless",
          "false with moe.routing=expert_choice (each expert takes exactly its capacity)")
     need(t.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
@@ -426,6 +433,9 @@ def validate(cfg: Config) -> None:
     need(c.resize_check_s > 0, "cluster.resize_check_s", "a positive interval")
     if cfg.objective == "dpo":
         need(bool(d.prefs), "data.prefs", "a .jsonl file of preference pairs with objective=dpo")
+        need(moe.exchange == "ragged" or moe.ep_size == 1, "moe.exchange",
+             "ragged with objective=dpo and moe.ep_size > 1 (each rank pads its pairs to its own longest row, and "
+             "the padded and bounded exchanges need every rank of the EP group to feed the same token count)")
         need(bool(cfg.dpo.parent and cfg.dpo.parent_checkpoint), "dpo.parent",
              "the run DPO starts from (start DPO with `dist-moe dpo RUN_DIR`)")
     need(cfg.dpo.beta > 0, "dpo.beta", "> 0")

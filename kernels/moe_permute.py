@@ -132,9 +132,10 @@ def _combine_backward_torch(grad_y, rows, row_index, weights):
     kept = row_index >= 0
     safe = row_index.clamp(min=0)
     grad = grad_y.to(acc_dtype)[:, None, :]  # (T, 1, D)
-    grad_rows = torch.zeros_like(rows)
-    grad_rows[row_index[kept]] = (weights[..., None].to(acc_dtype) * grad).expand(-1, kept.shape[1], -1)[kept].to(
-        rows.dtype)
+    num_rows = rows.shape[0]
+    spare = rows.new_zeros(num_rows + 1, rows.shape[1])  # dropped choices write to a spare row past the end; no mask
+    grad_rows = spare.index_copy_(0, torch.where(kept, row_index, num_rows).flatten(),
+                                  (weights[..., None].to(acc_dtype) * grad).to(rows.dtype).flatten(0, 1))[:-1]
     dots = (rows[safe].to(acc_dtype) * grad).sum(-1)  # (T, k)
     return grad_rows, torch.where(kept, dots, 0).to(weights.dtype)
 

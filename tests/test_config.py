@@ -33,7 +33,11 @@ def test_preset_from_a_yaml_path(tmp_path):
     (["moe.impl=deepspeed", "moe.top_k=4"], "moe.top_k", "1 or 2 with moe.impl=deepspeed"),
     (["cluster.hang_timeout_s=0"], "cluster.hang_timeout_s", "a positive number of seconds"),
     (["moe.ep_size=2", "moe.a2a_chunks=5"], "moe.a2a_chunks", "1 .. experts per rank (4)"),
-    (["moe.exchange=even"], "moe.exchange", "ragged | padded"),
+    (["moe.exchange=even"], "moe.exchange", "ragged | padded | bounded"),
+    (["moe.exchange=bounded"], "moe.exchange", "ragged or padded unless moe.dropless=true"),
+    (["moe.exchange=bounded", "moe.dropless=true", "moe.bound_factor=0"], "moe.bound_factor", "> 0"),
+    (["objective=dpo", "data.prefs=p.jsonl", "moe.ep_size=2", "moe.exchange=padded"], "moe.exchange",
+     "ragged with objective=dpo"),
 ])
 def test_bad_config_is_one_line_naming_the_key(overrides, key, expected):
     with pytest.raises(ConfigError) as info:

@@ -20,13 +20,14 @@ from torch.distributed import ProcessGroup
 
 @dataclass
 class NodeLayout:
-    """This rank's two-level groups inside an EP group of `nodes * local` ranks ordered node by node:
-    `intra` holds the EP ranks on this node, `inter` the EP ranks with this rank's position on the others."""
+    """This rank's two-level groups inside an EP group ordered node by node, `sizes[n]` EP ranks on node n:
+    `intra` holds this node's EP ranks; `inter` the EP ranks `inter_ranks` it exchanges with across nodes: the
+    ranks at its position on every node when all nodes hold as many ranks, else the whole EP group."""
 
-    nodes: int
-    local: int
+    sizes: list[int]
     intra: ProcessGroup
     inter: ProcessGroup
+    inter_ranks: list[int]
 
 
 class Pending:
@@ -50,27 +51,39 @@ def start_all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int
 
 def start_hierarchical(x: torch.Tensor, rows_between: list[list[int]], ep_rank: int, nodes: NodeLayout) -> Pending:
     """The all-to-all of `start_all_to_all` over the EP group, in two stages; rows_between[i][j] = rows EP rank i
-    sends to EP rank j (x holds this rank's, by destination). EP rank (n, l) = node n, position l. Stage 1
-    (intra-node): rows for (n', l') go to (n, l'), which then holds everything of its node bound for position
-    l'. Stage 2 (inter-node): (n, l') sends them to (n', l'), which receives them in EP rank order."""
-    num_nodes, local = nodes.nodes, nodes.local
-    node, position = divmod(ep_rank, local)
+    sends to EP rank j (x holds this rank's, by destination). Rank d's rows leave node n through one relay,
+    rank `relay(n, d)` of node n at d's position modulo the node's size (d's own position when every node holds
+    as many ranks). Stage 1 (intra-node): each rank hands its rows to their relays on its node. Stage 2
+    (inter-node, one exchange): each relay sends what it carries to the destinations, which receive them in
+    EP rank order (node by node, a node's sources in order)."""
+    sizes = nodes.sizes
+    starts = list(itertools.accumulate(sizes, initial=0))
+    node_of = [n for n, size in enumerate(sizes) for _ in range(size)]
+    position = [r - starts[node_of[r]] for r in range(len(node_of))]
 
-    def rows(n_src: int, l_src: int, n_dst: int, l_dst: int) -> int:
-        return rows_between[n_src * local + l_src][n_dst * local + l_dst]
+    def relay(n: int, dst: int) -> int:
+        return starts[n] + position[dst] % sizes[n]
 
-    by_position = _reorder(x, rows_between[ep_rank], [n * local + l for l in range(local) for n in range(num_nodes)])
-    first = start_all_to_all(by_position,
-                             [sum(rows(node, l, n, position) for n in range(num_nodes)) for l in range(local)],
-                             [sum(rows(node, position, n, l) for n in range(num_nodes)) for l in range(local)],
+    node = node_of[ep_rank]
+    here = range(starts[node], starts[node + 1])  # this node's EP ranks, the intra group in order
+    ep_ranks = range(len(node_of))
+    carried = [d for d in ep_ranks if relay(node, d) == ep_rank]  # destinations this rank relays for, ascending
+    by_relay = _reorder(x, rows_between[ep_rank], sorted(ep_ranks, key=lambda d: (relay(node, d), d)))
+    first = start_all_to_all(by_relay,
+                             [sum(rows_between[src][d] for d in carried) for src in here],
+                             [sum(rows_between[ep_rank][d] for d in ep_ranks if relay(node, d) == r) for r in here],
                              nodes.intra)
 
-    def across_nodes(received: torch.Tensor) -> Pending:  # blocks (local source l, node n bound for (n, position))
-        sizes = [rows(node, l, n, position) for l in range(local) for n in range(num_nodes)]
-        by_node = _reorder(received, sizes, [l * num_nodes + n for n in range(num_nodes) for l in range(local)])
-        return start_all_to_all(by_node,
-                                [sum(rows(n, l, node, position) for l in range(local)) for n in range(num_nodes)],
-                                [sum(rows(node, l, n, position) for l in range(local)) for n in range(num_nodes)],
+    def across_nodes(received: torch.Tensor) -> Pending:  # blocks (local source, carried destination)
+        sizes_in = [rows_between[src][d] for src in here for d in carried]
+        by_destination = _reorder(received, sizes_in, [i * len(carried) + j for j in range(len(carried))
+                                                       for i in range(len(here))])
+        sources_of = lambda m: range(starts[node_of[m]], starts[node_of[m] + 1])  # noqa: E731
+        return start_all_to_all(by_destination,
+                                [sum(rows_between[src][ep_rank] for src in sources_of(m))
+                                 if relay(node_of[m], ep_rank) == m else 0 for m in nodes.inter_ranks],
+                                [sum(rows_between[src][m] for src in here) if m in carried else 0
+                                 for m in nodes.inter_ranks],
                                 nodes.inter)
 
     return Pending(first.out, first.work, across_nodes)

@@ -12,17 +12,24 @@ chunk's rows are contiguous per peer. Chunking along tokens would split every ex
 `pipeline` is the schedule: while the experts compute chunk c, chunk c+1 travels to them and chunk c-1
 travels back; the backward (`_ExpertsBetweenExchanges.backward`) runs the same schedule on the gradients.
 
-Two layouts (`moe.exchange`):
-  padded: every (peer, local expert) pair gets exactly C slots (C = capacity; the bound T when dropless), so
-          all sizes are static: no counts travel, no host sync, CUDA-graph friendly (so every rank of the group
-          must feed the layer the same number of tokens, as training's fixed micro-batches do). Padding slots
-          are zero rows, whose expert outputs and weight-gradient terms are exactly zero, never read back.
-  ragged: only kept rows travel; the counts go first (an all-gather on the device) and the split sizes are
-          read on the host once per layer, the only host sync of the exchange.
+Three layouts (`moe.exchange`):
+  padded:  every (peer, local expert) pair gets exactly C slots (C = capacity; the bound T when dropless), so
+           all sizes are static: no counts travel, no host sync, CUDA-graph friendly (so every rank of the group
+           must feed the layer the same number of tokens, as training's fixed micro-batches do). Padding slots
+           are zero rows, whose expert outputs and weight-gradient terms are exactly zero, never read back.
+  ragged:  only kept rows travel; the counts go first (an all-gather on the device) and the split sizes are
+           read on the host once per layer, the only host sync of the exchange.
+  bounded: (dropless) every peer gets exactly B rows per chunk, B a host-side bound learned per layer and chunk
+           (`PeerSlots`); the counts per (peer, local expert) travel on the device beside the rows and the
+           receiver sorts by expert and sizes the GEMMs from them on the device, so no host sync in the layer.
+           A peer's rows past B are left out and the need is recorded on the device; the model reads every
+           layer's need once per forward (`fit_peer_slots`) and, if one overflowed, raises its bound and redoes
+           the forward (model/moe/layer.py: forward_within_bounds) before any backward, so what trains is exact.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -159,6 +166,61 @@ class _Ragged(_Layout):
         return out.index_copy_(0, torch.cat(self.position), torch.cat(chunks))  # (R, D); past N zero
 
 
+class _Bounded(_Layout):
+    """Slots (P, B_c) per chunk c: peer j's rows for the chunk's experts, in expert order, then zero rows; rows
+    past B_c are left out. The kept counts (P, E_local) go ahead on the device; nothing is read on the host."""
+
+    def __init__(self, tokens_per_expert: torch.Tensor, num_rows: int, slots: list[int], **kw):
+        super().__init__(**kw)
+        self.slots, self.num_rows = slots, num_rows
+        per_peer = tokens_per_expert.view(self.ep_size, -1)  # (P, E_local) rows for each peer's local experts
+        first_row = (torch.cumsum(tokens_per_expert, 0) - tokens_per_expert).view(self.ep_size, -1)
+        self.gather, kept, need = [], [], []
+        for (lo, hi), bound in zip(self.bounds, slots):
+            ends = torch.cumsum(per_peer[:, lo:hi], 1)  # (P, E_c) within the chunk's rows for each peer
+            need.append(ends[:, -1].max())
+            kept.append(ends.clamp(max=bound).diff(dim=1, prepend=ends.new_zeros(self.ep_size, 1)))
+            slot = torch.arange(bound, device=ends.device)
+            row = first_row[:, lo, None] + slot  # (P, B_c); the spare zero row num_rows past the peer's rows
+            self.gather.append(torch.where(slot < ends[:, -1:], row, num_rows).flatten())
+        self.need = torch.stack(need)  # (chunks,) the most rows this rank had for one peer in each chunk
+        self.counts_in_flight = start_all_to_all(torch.cat(kept, 1), [1] * self.ep_size, [1] * self.ep_size,
+                                                 self.group)  # (P, E_local) kept rows from EP rank j for local l
+        self.by_expert, self.counts = None, None
+
+    def _receive_counts(self) -> None:
+        """Expert order of every chunk's received slots, from the counts (device work only)."""
+        received = self.counts_in_flight.wait()
+        self.by_expert, self.counts = [], []
+        for (lo, hi), bound in zip(self.bounds, self.slots):
+            counts = received[:, lo:hi]  # (P, E_c)
+            slot = torch.arange(bound, device=counts.device).expand(self.ep_size, bound).contiguous()
+            local_expert = torch.searchsorted(torch.cumsum(counts, 1), slot, right=True)  # (P, B_c); E_c: padding
+            self.by_expert.append(torch.argsort(local_expert.flatten(), stable=True))  # (source, slot) -> expert
+            self.counts.append(counts.sum(0))
+
+    def pack(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rows, rows.new_zeros(1, rows.shape[1])])  # the spare zero row for padding slots
+
+    def rows_between(self, c: int) -> list[list[int]]:
+        return [[self.slots[c]] * self.ep_size] * self.ep_size
+
+    def outgoing(self, packed: torch.Tensor, c: int) -> torch.Tensor:
+        return packed[self.gather[c]]
+
+    def to_expert_order(self, c: int, received: torch.Tensor):
+        if self.by_expert is None:
+            self._receive_counts()
+        return received[self.by_expert[c]], self.counts[c]  # padding slots last, past the counts
+
+    def from_expert_order(self, c: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(out).index_copy_(0, self.by_expert[c], out)
+
+    def unpack(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        out = chunks[0].new_zeros(self.num_rows + 1, chunks[0].shape[1])  # padding slots land on the spare
+        return out.index_copy_(0, torch.cat(self.gather), torch.cat(chunks))[:-1]  # (R, D); left-out rows zero
+
+
 class _ExpertsBetweenExchanges(torch.autograd.Function):
     """rows -> (dispatch, compute(rows, counts, *weight slices), combine) per chunk -> rows' results. Each
     chunk's compute is recorded on detached leaves, so the backward can run it chunk by chunk in the mirror
@@ -201,24 +263,95 @@ class _ExpertsBetweenExchanges(torch.autograd.Function):
         return (layout.unpack(chunks), None, None, None, *(torch.cat(g) for g in zip(*weight_grads)))
 
 
-class ExpertExchange:
-    """Moves rows between the EP ranks of `group`; EP rank j owns global experts [j*E_local, (j+1)*E_local)."""
+class PeerSlots:
+    """The bounded exchange's bound B per chunk: rows any rank of the EP group may send any one peer. It lives on
+    the host and changes only with needs all-reduced over every rank (`fit_peer_slots`), so all ranks agree.
+    Starts at `factor` x the balanced load, grows to GROWTH x a need that overflowed it, and shrinks to that of
+    the largest need of the last SHRINK_AFTER forwards when it is more than twice that."""
 
-    def __init__(self, group: ProcessGroup, num_local_experts: int, chunks: int = 1, padded: bool = False,
-                 nodes: Optional[NodeLayout] = None):
+    GROWTH, ALIGN, SHRINK_AFTER = 1.25, 8, 200
+
+    def __init__(self, factor: float, num_experts: int):
+        self.factor, self.num_experts = factor, num_experts
+        self.bound: Optional[list[int]] = None  # per chunk, from the first forward's row count
+        self.need: Optional[torch.Tensor] = None  # (chunks,) device: the last forward's, until fit_peer_slots
+        self.seen: list[int] = []  # per chunk, the largest need since the last shrink check
+        self.forwards = 0
+
+    def slots(self, num_rows: int, capacity: int, bounds: list[tuple[int, int]]) -> list[int]:
+        """B per chunk for a forward of num_rows rows (no peer can need more than min(rows, experts x capacity))."""
+        if self.bound is None:
+            self.bound = [self._rounded(self.factor * num_rows * (hi - lo) / self.num_experts) for lo, hi in bounds]
+            self.seen = [0] * len(bounds)
+        return [min(bound, num_rows, (hi - lo) * capacity) for bound, (lo, hi) in zip(self.bound, bounds)]
+
+    def _rounded(self, rows: float) -> int:
+        """rows rounded up to a multiple of ALIGN (at least ALIGN)."""
+        return max(self.ALIGN, math.ceil(math.ceil(rows) / self.ALIGN) * self.ALIGN)
+
+    def update(self, need: list[int]) -> bool:
+        """need: the last forward's, all-reduced. Grows the bounds it exceeded (True: that forward dropped rows)."""
+        overflowed = [n > bound for n, bound in zip(need, self.bound)]
+        self.bound = [self._rounded(self.GROWTH * n) if over else bound
+                      for n, bound, over in zip(need, self.bound, overflowed)]
+        self.seen = [max(n, seen) for n, seen in zip(need, self.seen)]
+        self.forwards += 1
+        if self.forwards == self.SHRINK_AFTER:
+            targets = [self._rounded(self.GROWTH * seen) for seen in self.seen]
+            self.bound = [target if bound > 2 * target else bound for bound, target in zip(self.bound, targets)]
+            self.seen, self.forwards = [0] * len(self.seen), 0
+        return any(overflowed)
+
+
+def fit_peer_slots(peer_slots: Sequence[PeerSlots]) -> list[int]:
+    """After a forward: every bounded exchange's need, max over all ranks (one small all-reduce over the world, so
+    every rank takes the same decision, also where the forward holds other collectives) and read on the host in
+    one transfer: the forward's one host sync. Returns the indices of those that overflowed (their bounds grown)."""
+    pending = [(i, slots) for i, slots in enumerate(peer_slots) if slots.need is not None]
+    if not pending:
+        return []
+    need = torch.cat([slots.need for _, slots in pending])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    need, overflowed = need.tolist(), []
+    for i, slots in pending:
+        mine, need = need[:len(slots.bound)], need[len(slots.bound):]
+        slots.need = None
+        if slots.update(mine):
+            overflowed.append(i)
+    return overflowed
+
+
+class ExpertExchange:
+    """Moves rows between the EP ranks of `group`; EP rank j owns global experts [j*E_local, (j+1)*E_local).
+    layout: padded | ragged | bounded (see the module docstring); bound_factor: the bounded layout's first bound."""
+
+    def __init__(self, group: ProcessGroup, num_local_experts: int, chunks: int = 1, layout: str = "ragged",
+                 nodes: Optional[NodeLayout] = None, bound_factor: float = 1.25):
         assert 1 <= chunks <= num_local_experts, "moe.a2a_chunks must be in [1, experts per rank]"
-        self.group, self.padded, self.nodes = group, padded, nodes
+        assert layout in ("padded", "ragged", "bounded"), layout
+        self.group, self.layout, self.nodes = group, layout, nodes
         self.bounds = [(num_local_experts * c // chunks, num_local_experts * (c + 1) // chunks) for c in range(chunks)]
+        ep_size = dist.get_world_size(group)
+        self.peer_slots = PeerSlots(bound_factor, num_local_experts * ep_size) if layout == "bounded" else None
 
     def __call__(self, rows: torch.Tensor, tokens_per_expert: torch.Tensor, capacity: int,
                  compute: Callable[..., torch.Tensor], weights: Sequence[torch.Tensor],
                  beside: Optional[Callable[[], torch.Tensor]] = None):
         """rows (R, D): N kept rows sorted by global expert, then unused ones; tokens_per_expert (E,) int64, each
         <= capacity. compute(rows sorted by local expert, counts (E_c,), *weights[lo:hi]) for each chunk's
-        experts [lo, hi). Returns ((R, D) results in rows' order, zero past N; beside() or None)."""
+        experts [lo, hi). Returns ((R, D) results in rows' order, zero past N; beside() or None). Bounded: rows
+        past a peer's bound come back zero, and the need stays in peer_slots.need for fit_peer_slots."""
         kw = dict(bounds=self.bounds, group=self.group, nodes=self.nodes)
-        layout = (_Padded(tokens_per_expert, len(rows), capacity, **kw) if self.padded
-                  else _Ragged(tokens_per_expert, len(rows), **kw))
+        if self.layout == "padded":
+            layout = _Padded(tokens_per_expert, len(rows), capacity, **kw)
+        elif self.layout == "ragged":
+            layout = _Ragged(tokens_per_expert, len(rows), **kw)
+        else:
+            assert self.peer_slots.need is None, "a bounded exchange's overflow went unchecked: see fit_peer_slots"
+            slots = self.peer_slots.slots(len(rows), capacity, self.bounds)
+            layout = _Bounded(tokens_per_expert, len(rows), slots, **kw)
+            self.peer_slots.need = layout.need
         result = []
         run_beside = None if beside is None else (lambda: result.append(beside()))
         out = _ExpertsBetweenExchanges.apply(rows, layout, compute, run_beside, *weights)

@@ -66,7 +66,7 @@ def node_layout(ep_size: int) -> NodeLayout:
     """This rank's intra-node and inter-node groups inside its EP group, for the hierarchical all-to-all
     (collective: every rank must call it). Nodes come from the launcher: ranks sharing `rank - LOCAL_RANK`
     (torchrun, `dist-moe train --nproc`, Ray Train all set LOCAL_RANK and number a node's ranks
-    consecutively). Every EP group must hold the same number of ranks on each of its nodes."""
+    consecutively). Nodes may hold different numbers of an EP group's ranks."""
     if ep_size in _node_layouts:
         return _node_layouts[ep_size]
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -75,16 +75,21 @@ def node_layout(ep_size: int) -> NodeLayout:
     mine = None
     for first in range(0, world, ep_size):  # DeepSpeed's EP groups: consecutive ranks; every rank builds all
         members = list(range(first, first + ep_size))
-        nodes = sorted({node_of[r] for r in members})
-        per_node = [[r for r in members if node_of[r] == n] for n in nodes]
-        if len({len(ranks) for ranks in per_node}) != 1:
-            sizes = [len(ranks) for ranks in per_node]
-            raise NodeLayoutError(f"config key 'moe.a2a' = 'hierarchical': EP group {members} has {sizes} ranks per "
-                                  "node; expected the same number on every node (or moe.a2a=flat)")
+        per_node = [[r for r in members if node_of[r] == n] for n in sorted({node_of[r] for r in members})]
+        if sum(per_node, []) != members:
+            raise NodeLayoutError(f"config key 'moe.a2a' = 'hierarchical': EP group {members} is not ordered node by "
+                                  f"node (nodes {per_node}); expected each node's ranks consecutive (or moe.a2a=flat)")
+        sizes = [len(ranks) for ranks in per_node]
         intra = [dist.new_group(ranks) for ranks in per_node]
-        inter = [dist.new_group([ranks[i] for ranks in per_node]) for i in range(len(per_node[0]))]
+        even = len(set(sizes)) == 1
+        if even:  # relays sit at the destination's position: one inter group per position
+            inter_ranks = [[position + start for start in range(0, ep_size, sizes[0])] for position in range(sizes[0])]
+        else:  # a relay serves several positions of a larger node: the stage-2 exchange spans the EP group
+            inter_ranks = [list(range(ep_size))]
+        inter = [dist.new_group([first + r for r in ranks]) for ranks in inter_ranks]
         if rank in members:
-            node, position = nodes.index(node_of[rank]), per_node[nodes.index(node_of[rank])].index(rank)
-            mine = NodeLayout(len(nodes), len(per_node[0]), intra[node], inter[position])
+            node = next(n for n, ranks in enumerate(per_node) if rank in ranks)
+            which = (rank - first) % sizes[0] if even else 0
+            mine = NodeLayout(sizes, intra[node], inter[which], inter_ranks[which])
     _node_layouts[ep_size] = mine
     return mine

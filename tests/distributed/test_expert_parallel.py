@@ -9,16 +9,19 @@ expert over one rank's tokens), with the loss averaged over ranks as data parall
 import copy
 import os
 import socket
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_moe.config import Config
-from dist_moe.model.moe.layer import MoELayer
+from dist_moe.model.moe.layer import MoELayer, forward_within_bounds
 from dist_moe.model.moe.router import end_router_step
+from dist_moe.parallel import groups
 from dist_moe.parallel.groups import NodeLayoutError, expert_data_parallel_group, expert_parallel_group, node_layout
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
@@ -70,11 +73,13 @@ def skew_router(layer: MoELayer, direction: torch.Tensor, favoured: range) -> No
             layer.router.weight[e] = direction * (1.0 + 0.1 * e) * (1 if e in favoured else -1)
 
 
-def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False, ep_keys=None, **moe):
+def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, skewed=False, ep_keys=None,
+                                   redone=None, **moe):
     """moe: keys of both layers, e.g. routing-policy keys (docs/routing.md); a selection bias is set the same on
     both sides, and the bias update after the step (counts all-reduced over the ranks) must equal the
-    reference's over all chunks. ep_keys: the EP layer's exchange keys. Returns the EP layer's output and
-    gradients (for bitwise comparisons between exchanges)."""
+    reference's over all chunks. ep_keys: the EP layer's exchange keys. redone: whether the EP layer's forward
+    must have run twice (a bounded exchange that overflowed). Returns the EP layer's output and gradients (for
+    bitwise comparisons between exchanges)."""
     ep_keys = ep_keys or {}
     cfg = config(top_k=top_k, dropless=dropless, **moe)
     torch.manual_seed(0)
@@ -98,7 +103,10 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
             skew_router(m, skew, range(e_local, 2 * e_local))
     xs, targets = global_batch(world_size, skew)
 
-    y, aux, z = layer(xs[rank])
+    forwards = []
+    y, aux, z = forward_within_bounds(layer, lambda: forwards.append(1) or layer(xs[rank]))
+    if redone is not None:
+        assert (len(forwards) > 1) == redone, (forwards, ep_keys)
     ((y * targets[rank]).sum() + aux + z).backward()
     for name, p in layer.named_parameters():  # what DeepSpeed's reduction does (divide by the DP size)
         group = expert_data_parallel_group(ep_size) if name.startswith("experts.") else None
@@ -188,22 +196,36 @@ def test_ep2_and_ep4_outputs_losses_grads_and_zero012_updates_equal_single_proce
 
 
 def _exchange_worker(rank, world_size, port):
-    """Chunked, padded and hierarchical exchanges (nodes {0, 1} and {2, 3}) against the one-process model, and
-    bitwise against the unchunked flat exchange of the same layout (the experts' arithmetic is the same)."""
+    """Chunked, padded and hierarchical exchanges (nodes {0, 1} and {2, 3}; uneven nodes too) against the
+    one-process model, and bitwise against the flat exchange of the same layout (the experts' arithmetic is the
+    same)."""
     init(rank, world_size, port, ranks_per_node=2)
-    os.environ["LOCAL_RANK"] = str((0, 1, 2, 0)[rank])  # nodes {0, 1, 2} and {3}: refused, nothing created
+    for local_ranks in ((0, 1, 2, 0), (0, 0, 1, 2)):  # uneven nodes {0, 1, 2} + {3}, then {0} + {1, 2, 3}
+        os.environ["LOCAL_RANK"] = str(local_ranks[rank])
+        groups._node_layouts.clear()  # the layout is cached per EP size for a run; here the "nodes" change
+        flat = check_ep_equals_single_process(rank, world_size, 4, 2, True, ep_keys=dict(a2a_chunks=2))
+        for exchange in ("ragged", "bounded"):  # bounded: forced small, so it also overflows and redoes
+            uneven = check_ep_equals_single_process(rank, world_size, 4, 2, True, ep_keys=dict(
+                exchange=exchange, a2a="hierarchical", a2a_chunks=2, bound_factor=0.01))
+            assert torch.equal(uneven[0], flat[0]) and all(torch.equal(uneven[1][n], flat[1][n]) for n in flat[1])
+    os.environ["LOCAL_RANK"] = str((0, 0, 1, 3)[rank])  # ranks 0 and 3 on one node: not node by node
+    groups._node_layouts.clear()
     with pytest.raises(NodeLayoutError, match="moe.a2a"):
         node_layout(4)
     os.environ["LOCAL_RANK"] = str(rank % 2)
+    groups._node_layouts.clear()
     for ep_size, chunks in ((2, 3), (4, 2)):  # 4 local experts in chunks of 1, 1, 2; 2 in chunks of 1, 1
-        for top_k, dropless, shared_expert in ((2, False, True), (1, True, False)):
+        for top_k, dropless, shared_expert in ((2, False, True), (1, True, False), (2, True, True)):
             unchunked = {}
-            for exchange, a2a, a2a_chunks in (("ragged", "flat", 1), ("ragged", "flat", chunks),
-                                              ("padded", "flat", 1), ("padded", "flat", chunks),
-                                              ("padded", "hierarchical", 1), ("padded", "hierarchical", chunks),
-                                              ("ragged", "hierarchical", chunks)):
-                ep_keys = dict(exchange=exchange, a2a=a2a, a2a_chunks=a2a_chunks)
-                y, grads = check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless,
+            settings = [("ragged", "flat", 1), ("ragged", "flat", chunks), ("padded", "flat", 1),
+                        ("padded", "flat", chunks), ("padded", "hierarchical", 1), ("padded", "hierarchical", chunks),
+                        ("ragged", "hierarchical", chunks)]
+            if dropless:  # bounds forced small (8 rows): the first forward overflows and is redone (top_k=2)
+                settings += [("bounded", "flat", 1), ("bounded", "flat", chunks), ("bounded", "hierarchical", chunks)]
+            for exchange, a2a, a2a_chunks in settings:
+                ep_keys = dict(exchange=exchange, a2a=a2a, a2a_chunks=a2a_chunks, bound_factor=0.01)
+                redone = True if exchange == "bounded" and top_k == 2 and a2a_chunks == 1 else None  # ~18 > 8
+                y, grads = check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, redone=redone,
                                                           ep_keys=ep_keys, shared_expert=shared_expert)
                 if exchange not in unchunked:
                     unchunked[exchange] = y, grads
@@ -215,13 +237,142 @@ def _exchange_worker(rank, world_size, port):
             torch.testing.assert_close(y_padded, y_ragged, rtol=1e-5, atol=1e-6)
             for name in grads_ragged:  # padding slots add exact zeros; only the GEMMs' summation order may differ
                 torch.testing.assert_close(grads_padded[name], grads_ragged[name], rtol=1e-5, atol=1e-6)
+            if dropless:  # bounded: the experts see ragged's rows in ragged's order, padding past their counts
+                y_bounded, grads_bounded = unchunked["bounded"]
+                assert torch.equal(y_bounded, y_ragged)
+                assert all(torch.equal(grads_bounded[name], grads_ragged[name]) for name in grads_ragged)
     for exchange in ("ragged", "padded"):  # EP rank 0 sends everything and receives nothing
         check_ep_equals_single_process(rank, world_size, 2, 2, False, skewed=True,
                                        ep_keys=dict(exchange=exchange, a2a_chunks=2))
+    check_ep_equals_single_process(rank, world_size, 2, 2, True, skewed=True, redone=True,
+                                   ep_keys=dict(exchange="bounded", a2a_chunks=2, bound_factor=0.01))
+    check_redone_forward_draws_the_same_noise(rank, world_size)
+    check_bounded_layer_has_no_host_sync(rank, world_size)
+    check_bounded_transformer_generates_as_ragged(rank)
+    engine = check_zero_ep2_updates_equal_single_process(rank, world_size, 2, clip=0.05, dropless=True,
+                                                         exchange="bounded", bound_factor=0.01)
+    assert engine.module.moe.exchange.peer_slots.bound[0] > 8  # it overflowed, and the steps still matched
     padded = dict(exchange="padded", a2a="hierarchical", a2a_chunks=2)  # routing policies bound by capacity too
     check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, overflow="reroute")
     check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, routing="expert_choice",
                                    balance="none")
+
+
+def check_redone_forward_draws_the_same_noise(rank, world_size):
+    """Router noise (jitter) in training: a bounded exchange that overflows and redoes its forward gives the
+    ragged exchange's outputs, gradients and step counts (the redo restores the noise generator and counters)."""
+    results = []
+    for ep_keys in (dict(exchange="ragged"), dict(exchange="bounded", bound_factor=0.01)):
+        cfg = config(top_k=2, dropless=True, ep_size=2, noise="jitter", noise_eps=0.3, balance="aux_free", **ep_keys)
+        torch.manual_seed(0)
+        layer = MoELayer(cfg, expert_parallel_group(2))
+        x = global_batch(world_size, None)[0][rank]
+        forwards = []
+        y, aux, _ = forward_within_bounds(layer, lambda: forwards.append(1) or layer(x))
+        (y.square().sum() + aux).backward()
+        assert len(forwards) == (2 if ep_keys["exchange"] == "bounded" else 1)
+        results.append((y, [p.grad for p in layer.parameters()], layer.router.step_selections.clone()))
+    (y_ragged, grads_ragged, counts_ragged), (y_bounded, grads_bounded, counts_bounded) = results
+    assert torch.equal(y_bounded, y_ragged) and torch.equal(counts_bounded, counts_ragged)
+    assert all(torch.equal(a, b) for a, b in zip(grads_bounded, grads_ragged))
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records what makes the host wait for the device: reading values (item, bool, int, tolist, numpy) and ops
+    whose output size depends on the data (nonzero, boolean masks, repeat_interleave without output_size, unique)."""
+
+    DATA_SIZED = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique", "aten.unique")
+    READERS = ("tolist", "numpy")  # they read the data without dispatching an op: spied on the class
+
+    def __enter__(self):
+        self.seen, self.originals = [], {name: getattr(torch.Tensor, name) for name in self.READERS}
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, lambda *a, _name=name, _f=original, **k: self.seen.append(_name) or _f(*a, **k))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self.originals.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs, name = kwargs or {}, str(func)
+        if name.startswith(self.DATA_SIZED) or (
+                name.startswith("aten.repeat_interleave.Tensor") and kwargs.get("output_size") is None) or (
+                name.startswith("aten.index.Tensor") and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            self.seen.append(name)
+        return func(*args, **kwargs)
+
+
+def _masked_grouped_mm(x, w, tokens_per_expert, tiles=None):
+    """grouped_mm with no host read (each row times its expert's weight, chosen by a device-side mask): the stand-in
+    for the GPU backends, which take the counts on the device (the CPU loop reads them on the host)."""
+    expert = torch.searchsorted(torch.cumsum(tokens_per_expert, 0), torch.arange(len(x)), right=True)
+    return sum(torch.where((expert == e)[:, None], x @ w[e], 0.0) for e in range(len(w)))
+
+
+def _masked_weight_grad(x, grad, tokens_per_expert, tiles=None):
+    expert = torch.searchsorted(torch.cumsum(tokens_per_expert, 0), torch.arange(len(x)), right=True)
+    return torch.stack([(x * (expert == e)[:, None]).t() @ grad for e in range(len(tokens_per_expert))])
+
+
+def check_bounded_layer_has_no_host_sync(rank, world_size):
+    """A bounded exchange's forward and backward make no host read (sync-free expert GEMMs in place of the CPU
+    loop); the overflow check after it makes exactly one. The ragged exchange reads its split sizes (so the
+    detector sees them). A forward of a Transformer with two bounded MoE layers makes that one read only."""
+    from dist_moe.model.moe import experts
+    from dist_moe.model.transformer import Transformer
+    from dist_moe.parallel.exchange import fit_peer_slots
+
+    gemms = experts.grouped_mm, experts.grouped_mm_weight_grad
+    experts.grouped_mm, experts.grouped_mm_weight_grad = _masked_grouped_mm, _masked_weight_grad
+    try:
+        x = global_batch(world_size, None)[0][rank].requires_grad_()
+        syncs = {}
+        for exchange in ("ragged", "bounded"):
+            torch.manual_seed(0)
+            layer = MoELayer(config(top_k=2, dropless=True, ep_size=4, a2a_chunks=2, exchange=exchange),
+                             expert_parallel_group(4))
+            with HostSyncs() as layer_syncs:
+                y, aux, z = layer(x)
+                (y.square().sum() + aux + z).backward()
+            syncs[exchange] = layer_syncs.seen
+        with HostSyncs() as check_syncs:
+            assert fit_peer_slots([layer.exchange.peer_slots]) == []
+        assert syncs["bounded"] == [] and check_syncs.seen == ["tolist"], (syncs, check_syncs.seen)
+        assert "tolist" in syncs["ragged"], syncs
+        torch.manual_seed(0)
+        model = Transformer(tiny_transformer_config("moe.exchange=bounded", "moe.bound_factor=4"),
+                            expert_parallel_group(4))
+        tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(rank))
+        with HostSyncs() as model_syncs:
+            model(tokens)
+        assert model_syncs.seen == ["tolist"], model_syncs.seen
+    finally:
+        experts.grouped_mm, experts.grouped_mm_weight_grad = gemms
+
+
+def tiny_transformer_config(*overrides):
+    from dist_moe.config import load_config
+
+    return load_config("tiny", ["model.vocab_size=97", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+                                "model.num_kv_heads=2", "model.d_ff=48", "moe.num_experts=8", "moe.dropless=true",
+                                "moe.ep_size=4", *overrides])
+
+
+def check_bounded_transformer_generates_as_ragged(rank):
+    """Greedy decoding with a KV cache: bounds forced small overflow on the prompt (the redo restores the caches),
+    then T = 2 tokens per step; the tokens equal the ragged exchange's."""
+    from dist_moe.model.transformer import Transformer, generate
+
+    prompt = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(rank))
+    out = []
+    for keys in (["moe.exchange=ragged"], ["moe.exchange=bounded", "moe.bound_factor=0.01"]):
+        torch.manual_seed(0)
+        model = Transformer(tiny_transformer_config(*keys), expert_parallel_group(4))
+        out.append(generate(model, prompt, 5, temperature=0))
+    assert torch.equal(out[0], out[1])
+    assert max(model.blocks[0].ffn.exchange.peer_slots.bound) > 8
 
 
 @pytest.mark.slow
@@ -239,6 +390,9 @@ class TinyMoEModel(torch.nn.Module):
         self.out = torch.nn.Linear(D, D)
 
     def forward(self, x):
+        return forward_within_bounds(self, lambda: self._forward(x))
+
+    def _forward(self, x):
         h = self.inp(x)
         y, aux, z = self.moe(h)
         return self.out(h + y), aux, z
@@ -265,11 +419,12 @@ def deepspeed_engine(cfg: Config, zero_stage: int = 2, clip: float = 0.0):
     return engine
 
 
-def check_zero_ep2_updates_equal_single_process(rank, world_size, zero_stage, clip=0.0, steps=3):
+def check_zero_ep2_updates_equal_single_process(rank, world_size, zero_stage, clip=0.0, steps=3, **moe):
     """AdamW steps through the engine equal plain torch on the full model with the rank-averaged loss. With
-    clip > 0 the clipping is active (grad norms here are ~0.3): ZeRO-1/2 compute the true global norm."""
-    engine = deepspeed_engine(config(top_k=2, ep_size=2), zero_stage, clip)
-    ref_cfg = config(top_k=2)
+    clip > 0 the clipping is active (grad norms here are ~0.3): ZeRO-1/2 compute the true global norm. moe: keys
+    of both models (exchange keys act on the EP one only)."""
+    engine = deepspeed_engine(config(top_k=2, ep_size=2, **moe), zero_stage, clip)
+    ref_cfg = config(top_k=2, **moe)
     torch.manual_seed(0)
     ref = TinyMoEModel(ref_cfg, None)
     from dist_moe.train.engine import optimizer_param_groups
@@ -293,6 +448,7 @@ def check_zero_ep2_updates_equal_single_process(rank, world_size, zero_stage, cl
         if name.startswith("moe.experts."):
             expected = expected[first:first + 4]
         torch.testing.assert_close(p.detach(), expected.detach(), rtol=1e-4, atol=1e-5, msg=f"{name} {zero_stage}")
+    return engine
 
 
 def check_training_loss_falls(rank, world_size, impl):
@@ -344,3 +500,59 @@ def _zero2_worker(rank, world_size, port, ckpt_dir):
 @pytest.mark.slow
 def test_zero2_ep2_deepspeed_training_equals_single_process_and_learns(tmp_path):
     spawn(_zero2_worker, 2, str(tmp_path))
+
+
+def _gpu_sync_free_worker(rank, world_size, port):
+    """NCCL, bf16 (the GPU GEMMs apply), with torch's sync debug mode raising on any host sync: a bounded exchange's
+    forward and backward run through; a ragged one stops at its split sizes (so the mode sees syncs)."""
+    os.environ.update(DS_ACCELERATOR="cuda", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+                      NCCL_NVLS_ENABLE="0")
+    torch.cuda.set_device(rank)
+    import deepspeed
+
+    from dist_moe.parallel.exchange import fit_peer_slots
+
+    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False, verbose=False)
+    x = torch.randn(256, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    layers = {}
+    for exchange in ("bounded", "ragged"):
+        torch.manual_seed(0)
+        layer = MoELayer(config(top_k=2, dropless=True, ep_size=2, a2a_chunks=2, exchange=exchange),
+                         expert_parallel_group(2)).to("cuda", torch.bfloat16)
+        peer_slots = [layer.exchange.peer_slots] if exchange == "bounded" else []
+
+        def step():
+            y, aux, z = layer(x)
+            (y.float().square().sum() + aux + z).backward()
+
+        layers[exchange] = layer
+        for _ in range(2):  # compiles the kernels, times the weight-gradient GEMMs, sets NCCL up, fits the bound
+            step()
+            fit_peer_slots(peer_slots)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            if exchange == "bounded":
+                step()
+            else:
+                with pytest.raises(RuntimeError, match="synchroniz"):
+                    step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert fit_peer_slots(peer_slots) == []
+    with warnings.catch_warnings(record=True) as caught:  # the whole forward with its check: that one read only
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            forward_within_bounds(layers["bounded"], lambda: layers["bounded"](x))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_bounded_exchange_layer_makes_no_host_sync_on_gpus():
+    spawn(_gpu_sync_free_worker, 2)

@@ -3,14 +3,17 @@
 `MoELayer(cfg, ep_group)` is plain PyTorch:
     forward(x: (B, T, D)) -> (y: (B, T, D), aux_loss: () fp32, z_loss: () fp32)   (unweighted losses)
     layer.last_stats: MoEStats of the last forward (detached tensors, no host sync).
+With moe.exchange=bounded a forward of the model (or of a bare layer) must go through `forward_within_bounds`,
+which checks the exchanges' bounds once and redoes the forward where one overflowed.
 What DeepSpeed's engine needs of it (its MoE class, parameter marks, per-expert checkpoint keys) and the
 DeepSpeed baseline (moe.impl=deepspeed) are applied from outside: see train/deepspeed_moe.py.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -21,7 +24,7 @@ from dist_moe.config import Config, expert_width
 from dist_moe.model.moe.dispatch import expert_capacity, expert_choice_route, reroute, route
 from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts, swiglu_experts
 from dist_moe.model.moe.router import Router
-from dist_moe.parallel.exchange import ExpertExchange
+from dist_moe.parallel.exchange import ExpertExchange, fit_peer_slots
 from dist_moe.parallel.groups import node_layout
 
 
@@ -80,8 +83,8 @@ class MoELayer(nn.Module):
         self.exchange = None
         if self.ep_group is not None:
             nodes = node_layout(m.ep_size) if m.a2a == "hierarchical" else None
-            self.exchange = ExpertExchange(self.ep_group, self.num_local_experts, m.a2a_chunks,
-                                           m.exchange == "padded", nodes)
+            self.exchange = ExpertExchange(self.ep_group, self.num_local_experts, m.a2a_chunks, m.exchange, nodes,
+                                           m.bound_factor)
         ep_rank = dist.get_rank(self.ep_group) if self.ep_group is not None else 0
         self.router = Router(d_model, m.num_experts, m.top_k, m.noise, m.noise_eps, score=m.score, balance=m.balance,
                              aux_loss_scope=m.aux_loss_scope, aux_loss_accumulate=m.aux_loss_accumulate,
@@ -131,3 +134,35 @@ class MoELayer(nn.Module):
         self.last_stats = MoEStats.of(gating.stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
                                       routed, rerouted)
         return y.view_as(x), gating.aux_loss, gating.z_loss
+
+
+Output = TypeVar("Output")
+_log = logging.getLogger(__name__)
+
+
+def forward_within_bounds(model: nn.Module, forward: Callable[[], Output], undo: Callable[[], None] = lambda: None
+                          ) -> Output:
+    """Runs forward() (one forward pass of model) and, where a bounded exchange of model's MoE layers overflowed
+    (moe.exchange=bounded), raises those bounds and runs it again from the same router state (noise generators,
+    step counters) after undo() (the caller's own state, e.g. KV caches), until none overflows. Nothing has
+    run backward yet, so every result returned is exact. One host read per pass (fit_peer_slots)."""
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
+    bounded = {name: layer for name, layer in layers.items()
+               if layer.exchange is not None and layer.exchange.peer_slots is not None}
+    if not bounded:
+        return forward()
+    routers = {name: layer.router.state() for name, layer in layers.items()}
+    while True:
+        out = forward()
+        overflowed = fit_peer_slots([layer.exchange.peer_slots for layer in bounded.values()])
+        if not overflowed:
+            return out
+        del out  # free the dropped attempt's activations before the next one
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            names = list(bounded)
+            grown = {names[i]: bounded[names[i]].exchange.peer_slots.bound for i in overflowed}
+            _log.warning("moe.exchange=bounded: rows per peer overflowed the bound; forward redone with bounds "
+                         "(per chunk) %s", grown)
+        for name, layer in layers.items():
+            layer.router.set_state(routers[name])
+        undo()

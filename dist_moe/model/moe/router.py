@@ -220,6 +220,15 @@ class Router(nn.Module):
             counts = self.step_counts.clone()
         return self.num_experts * torch.sum(counts[:-1] / counts[-1] * probs.mean(dim=0))
 
+    def state(self) -> tuple:
+        """What a forward changes besides its outputs (noise generator, step counters), for a redone forward."""
+        return self.generator.get_state(), self.step_selections.clone(), self.step_counts.clone()
+
+    def set_state(self, state: tuple) -> None:
+        generator, selections, counts = state
+        self.generator.set_state(generator)
+        self.step_selections.copy_(selections), self.step_counts.copy_(counts)
+
     @torch.no_grad()
     def end_step(self, selections: Optional[torch.Tensor], update_rate: float) -> None:
         """After an optimizer step: with the step's global selection counts (E,) (this router's
