@@ -5,10 +5,13 @@ One process per GPU (NCCL), or `--cpu --procs P` gloo processes on the CPU (tiny
 the schedule, not speed). For every EP size 2, 4, 8, ... up to the world size:
 (1) exchange: the layer's round trip (rows to their experts and back, identity experts) on a real routing plan,
     against two all_to_all_single of even splits carrying the same kept-row bytes; bus bandwidth = bytes per
-    rank / time * (P-1)/P (nccl-tests' convention; padding slots do not count as bytes).
+    rank / time * (P-1)/P (nccl-tests' convention; padding slots do not count as bytes). The bounded exchange
+    carries the same plan and includes its overflow check (fit_peer_slots: one all-reduce and host read, which
+    a model pays once per forward, not per layer).
 (2) weak scaling: every rank holds T tokens; EP=1 runs E_local experts alone, EP=P spreads E_local*P experts
     over P ranks, so tokens and expert FLOPs per rank are equal. Forward+backward step time, median over
-    steps, the slowest rank's.
+    steps, the slowest rank's; dropless settings (ragged with its host sync per layer, bounded without) against
+    a dropless EP=1.
 (3) hidden fraction, from a torch.profiler timeline of fwd+bwd steps: exchange intervals (NCCL kernels on GPU;
     gloo:all_to_all on gloo's thread on CPU) against compute intervals (the other kernels on GPU; the
     `moe.experts` ranges on CPU); hidden = length of their overlap / length of the exchange (interval unions).
@@ -35,7 +38,8 @@ from results_io import run_meta, write_results  # bench/, beside this script
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402
 from dist_moe.model.moe.dispatch import expert_capacity, route  # noqa: E402
-from dist_moe.model.moe.layer import MoELayer  # noqa: E402
+from dist_moe.model.moe.layer import MoELayer, forward_within_bounds  # noqa: E402
+from dist_moe.parallel.exchange import fit_peer_slots  # noqa: E402
 from dist_moe.parallel.groups import expert_parallel_group  # noqa: E402
 
 GPU_SHAPE = dict(T=16384, D=2048, F=5632, E_LOCAL=8, K=2)
@@ -44,10 +48,12 @@ CAPACITY_FACTOR = 1.25
 
 
 def settings(chunks: int) -> list[dict]:
-    """The exchanges compared: (moe.exchange, moe.a2a, moe.a2a_chunks)."""
-    return [dict(exchange=e, a2a=a, a2a_chunks=c) for e, a, c in
-            (("ragged", "flat", 1), ("ragged", "flat", chunks), ("padded", "flat", 1), ("padded", "flat", chunks),
-             ("padded", "hierarchical", chunks), ("ragged", "hierarchical", chunks))]
+    """The exchanges compared: (moe.exchange, moe.a2a, moe.a2a_chunks, moe.dropless)."""
+    return [dict(exchange=e, a2a=a, a2a_chunks=c, dropless=d) for e, a, c, d in
+            (("ragged", "flat", 1, False), ("ragged", "flat", chunks, False), ("padded", "flat", 1, False),
+             ("padded", "flat", chunks, False), ("padded", "hierarchical", chunks, False),
+             ("ragged", "hierarchical", chunks, False), ("ragged", "flat", 1, True), ("bounded", "flat", 1, True),
+             ("bounded", "flat", chunks, True), ("bounded", "hierarchical", chunks, True))]
 
 
 def sync() -> None:
@@ -106,8 +112,14 @@ def bench_exchange(shape: dict, ep: int, group, rank: int, chunks: int, steps: i
     out = [dict(impl=f"{dist.get_backend()} all_to_all_single x2, even splits", ms=timed(nccl_pair, steps, 2))]
     for setting in settings(chunks):
         exchange = layer(shape, shape["E_LOCAL"] * ep, ep, group, **setting).exchange
+
+        def round_trip():
+            exchange(rows, plan.tokens_per_expert, capacity, lambda r, counts: r, ())
+            if exchange.peer_slots is not None:  # the bounded exchange's check (the warmup fits the bound)
+                fit_peer_slots([exchange.peer_slots])
+
         with torch.no_grad():
-            ms = timed(lambda: exchange(rows, plan.tokens_per_expert, capacity, lambda r, counts: r, ()), steps, 2)
+            ms = timed(round_trip, steps, 2)
         out.append(dict(impl=describe(setting), ms=ms, **setting))
     return [dict(r, bench="exchange", ep_size=ep, bytes_per_rank=nbytes,
                  bus_gbps=nbytes / r["ms"] * 1e-6 * (ep - 1) / ep) for r in out]
@@ -118,7 +130,7 @@ def training_step(moe: MoELayer, x: torch.Tensor, grad_y: torch.Tensor):
     params = list(moe.parameters()) + [x]
 
     def step():
-        moe(x)[0].backward(grad_y)
+        forward_within_bounds(moe, lambda: moe(x))[0].backward(grad_y)
         for p in params:
             p.grad = None
 
@@ -129,15 +141,16 @@ def bench_weak_scaling(shape: dict, ep: int, group, chunks: int, steps: int) -> 
     x = torch.randn(shape["T"], shape["D"], device=DEVICE, dtype=DTYPE, requires_grad=True)
     grad_y = torch.randn_like(x)
     out = []
-    for setting in [None] + settings(chunks):
-        if setting is None:
-            moe, name, setting = layer(shape, shape["E_LOCAL"], 1, None), "EP=1", {}
+    for setting in [dict(dropless=False), dict(dropless=True)] + settings(chunks):
+        if "exchange" not in setting:
+            moe = layer(shape, shape["E_LOCAL"], 1, None, **setting)
+            name = "EP=1" + (" dropless" if setting["dropless"] else "")
         else:
             moe, name = layer(shape, shape["E_LOCAL"] * ep, ep, group, **setting), f"EP={ep} {describe(setting)}"
         ms = timed(training_step(moe, x, grad_y), steps, 2)
         out.append(dict(bench="weak scaling", impl=name, ep_size=ep, tokens_per_rank=shape["T"], ms=ms, **setting))
-    base = out[0]["ms"]
-    return [dict(r, x_ep1=r["ms"] / base) for r in out]
+    base = {r["dropless"]: r["ms"] for r in out[:2]}
+    return [dict(r, x_ep1=r["ms"] / base[r["dropless"]]) for r in out]
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -197,7 +210,8 @@ def bench_overlap(shape: dict, ep: int, group, chunks: int, steps: int, trace_di
 
 
 def describe(setting: dict) -> str:
-    return f"{setting['exchange']} {setting['a2a']} chunks={setting['a2a_chunks']}"
+    return (f"{setting['exchange']} {setting['a2a']} chunks={setting['a2a_chunks']}"
+            + (" dropless" if setting["dropless"] else ""))
 
 
 def worker(rank: int, world: int, port: int, args, command: str) -> None:
@@ -243,7 +257,8 @@ def markdown(rows, meta, shape: dict, ranks_per_node: int) -> str:
             base = next(b for b in rows if b["bench"] == "exchange" and b["ep_size"] == r["ep_size"])
             lines.append(f"| {r['ep_size']} | {r['impl']} | {r['bytes_per_rank'] / 2**20:.2f} MiB | {r['ms']:.3f} | "
                          f"{r['bus_gbps']:.2f} | {r['bus_gbps'] / base['bus_gbps']:.2f} |")
-    lines += ["", "| EP | MoE layer fwd+bwd (weak scaling) | ms | x EP=1 |", "|---|---|---|---|"]
+    lines += ["", "| EP | MoE layer fwd+bwd (weak scaling) | ms | x EP=1 (dropless: x EP=1 dropless) |",
+              "|---|---|---|---|"]
     for r in rows:
         if r["bench"] == "weak scaling":
             lines.append(f"| {r['ep_size']} | {r['impl']} | {r['ms']:.2f} | {r['x_ep1']:.3f} |")
