@@ -2,7 +2,7 @@
 mask, a PyTorch MoBA in the original's style (gather the chosen blocks, then SDPA) and our dense causal flash
 kernel, in one process on the same bf16 inputs. B*N = 128K tokens, Hq = 32, Hkv = 8, D = 128.
 
-    python bench/moba.py [--shapes all|quick] [--out-dir bench/results]
+    python bench/moba.py [--shapes all|quick|512k] [--out-dir bench/results]
 
 FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair per head, backward 2.5x):
 - dense causal: 4*B*Hq*D * N^2/2. At N = 128K (B=1): 4*32*128 * 8.6e9 = 1.41e14 forward.
@@ -11,14 +11,11 @@ FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair pe
   4*32*128 * 131072 * 8256 = 1.77e13, i.e. 8.0x fewer than dense (1/16 of the keys vs 1/2, plus the own
   block). The gate adds 2*B*Hq*D * N * (N/block)/2 FLOPs: at block 128, 2*32*128 * 131072 * 512 = 5.5e11
   (3% of MoBA's forward), plus the running top-k's O(N * N/block * top_k) compares.
-- bytes: per query tile (64 rows) the forward streams K and V of every block any of its rows chose:
-  2 * union * block * D * 2 bytes. The prediction therefore hinges on the union of the tile's choices. With
-  independent random choices (these random inputs) a tile of 64 queries covers 1 - (15/16)^64 = 98% of the
-  past blocks, so the per-tile kernel does near-dense work: predicted ~1x dense flash, not 8x. Real
-  models' neighbouring queries pick overlapping blocks; FlashMoBA's "collect and densify" (gather the
-  queries of each KV block) removes the dependence on the union, and is what the issue's 8x target needs.
-  The table reports the measured union ("tile coverage": visited (tile, block) pairs / past pairs) so each
-  time can be read against this model.
+- bytes (kernels/moba.py): per query tile (64 rows) the forward streams K and V of every block any of its
+  rows chose: 2 * union * block * D * 2 bytes. With independent random choices (these random inputs) a tile
+  of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so ours does near-dense work: predicted
+  ~1x dense flash, not 8x. The table reports the measured union ("tile coverage": visited (tile, block)
+  pairs / past pairs). Measured on an H200 at N = 8K (coverage 0.99): 2.1-2.4x dense flash's time.
 Every implementation gets the same block choice (our gate's); the timed step is attention forward+backward,
 so neither our gate nor FlexAttention's block-mask build is in it: the gate's own time is a column.
 Targets (issue 27): fwd+bwd >= 1.5x FlexAttention at N >= 32K; >= 8x dense flash at N = 128K, block 128;
@@ -31,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 import triton
 
 from results_io import run_meta, write_results  # bench/, beside this script
@@ -47,12 +45,17 @@ TOKENS, HQ, HKV, D = 128 * 1024, 32, 8, 128
 SHAPES = {  # (N, block_size): top_k = N / (16 * block_size), at least 1
     "all": [(n, bs) for n in (8192, 32768, 131072) for bs in (128, 512)],
     "quick": [(8192, 128)],
+    "512k": [(524288, 128)],  # the memory target: ours alone (dense flash alone would take minutes there)
 }
 
 
-def flex_moba(chosen: torch.Tensor, block_size: int, N: int):
-    """FlexAttention under the same MoBA mask: a (B, Hq, N, NB) table of chosen blocks read by mask_mod."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_moba(chosen: torch.Tensor, block_size: int, N: int, flex_block: int = 128):
+    """FlexAttention under the same MoBA mask: a (B, Hq, N, NB) table of chosen blocks read by mask_mod, and a
+    block mask built from the choice at FlexAttention's 128 x 128 granularity (create_block_mask would evaluate
+    mask_mod on all B*Hq*N^2 pairs at once: 256 GiB at N = 8K, B = 16)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    assert block_size % flex_block == 0, "a FlexAttention tile must lie inside one MoBA block"
 
     B, Hq = chosen.shape[:2]
     num_blocks = triton.cdiv(N, block_size)
@@ -64,14 +67,29 @@ def flex_moba(chosen: torch.Tensor, block_size: int, N: int):
         own = (kv_idx // block_size == q_idx // block_size) & (kv_idx <= q_idx)
         return own | table[b, h, q_idx, kv_idx // block_size]
 
-    mask = create_block_mask(mask_mod, B, Hq, N, N, device=chosen.device)
+    tiles = triton.cdiv(N, flex_block)
+    hits = moba_kernels._tile_chose(chosen, flex_block, num_blocks).bool()  # (B, Hq, tiles, NB)
+    kv_tile = torch.arange(tiles, device=chosen.device)
+    moba_block_of = kv_tile * flex_block // block_size  # (tiles,) the MoBA block of each 128-row tile
+    own = (moba_block_of[None, :] == moba_block_of[:, None]) & (kv_tile[None, :] <= kv_tile[:, None])
+    full = own & (kv_tile[None, :] < kv_tile[:, None])  # own-block tiles below the diagonal: no mask needed
+    partial = (hits[..., moba_block_of] | own) & ~full  # (B, Hq, q tiles, kv tiles)
+
+    def listed(blocks: torch.Tensor):  # FlexAttention's (count, indices with the listed blocks first)
+        order = torch.sort((~blocks).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+        return blocks.sum(-1, dtype=torch.int32), order
+
+    mask = BlockMask.from_kv_blocks(*listed(partial), *listed(full.expand_as(partial)), BLOCK_SIZE=flex_block,
+                                    mask_mod=mask_mod, seq_lengths=(N, N))
     flex = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: flex(q, k, v, block_mask=mask, enable_gqa=True)
 
 
 def pytorch_moba(chosen: torch.Tensor, block_size: int, chunk_bytes: float = 2e9):
     """MoBA the original's way in PyTorch: gather each query's chosen blocks plus its own, then SDPA with one
-    query per row, in chunks of queries that keep each gather under chunk_bytes."""
+    query per row, in chunks of queries that keep each gather under chunk_bytes. Each chunk is recomputed in
+    the backward (activation checkpointing): kept for the backward, the gathers of all chunks would need
+    (top_k + 1) * block * D * 4 bytes per query and head, 1.4 TB at B=16, N=8K (it ran out of memory so)."""
     def run(q, k, v):
         B, Hq, N, Dh = q.shape
         group, num_blocks = Hq // k.shape[1], triton.cdiv(N, block_size)
@@ -83,27 +101,32 @@ def pytorch_moba(chosen: torch.Tensor, block_size: int, chunk_bytes: float = 2e9
         chunk = max(1, int(chunk_bytes // (B * Hq * (top_k + 1) * block_size * Dh * q.element_size() * 2)))
         bi = torch.arange(B, device=q.device)[:, None, None, None]
         hi = torch.arange(Hq, device=q.device)[None, :, None, None]
-        out = []
-        for start in range(0, N, chunk):
-            pos = torch.arange(start, min(start + chunk, N), device=q.device)  # (C,)
-            C = pos.numel()
-            own = (pos // block_size)[None, None, :, None].expand(B, Hq, C, 1)
-            picked = torch.cat([chosen[:, :, start:start + C].long(), own], -1)  # (B, Hq, C, K + 1)
+
+        def attend(q_chunk, kb, vb, start):
+            pos = torch.arange(start, start + q_chunk.shape[2], device=q.device)  # (C,)
+            own = (pos // block_size)[None, None, :, None].expand(B, Hq, pos.numel(), 1)
+            picked = torch.cat([chosen[:, :, start:start + pos.numel()].long(), own], -1)  # (B, Hq, C, K + 1)
             key_pos = picked.clamp(min=0)[..., None] * block_size + torch.arange(block_size, device=q.device)
             visible = (picked >= 0)[..., None] & (key_pos <= pos[:, None, None]) & (key_pos < N)
             ks = kb[bi, hi, picked.clamp(min=0)].flatten(3, 4)  # (B, Hq, C, (K + 1) * block, D)
             vs = vb[bi, hi, picked.clamp(min=0)].flatten(3, 4)
-            o = F.scaled_dot_product_attention(q[:, :, start:start + C, None], ks, vs,
-                                               attn_mask=visible.flatten(3, 4)[..., None, :])
-            out.append(o[:, :, :, 0])
-        return torch.cat(out, 2)
+            return F.scaled_dot_product_attention(q_chunk[:, :, :, None], ks, vs,
+                                                  attn_mask=visible.flatten(3, 4)[..., None, :])[:, :, :, 0]
+
+        return torch.cat([checkpoint(attend, q[:, :, start:start + chunk], kb, vb, start, use_reentrant=False)
+                          for start in range(0, N, chunk)], 2)
     return run
 
 
-def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int):
-    """name -> attention(q, k, v); ours runs first and is the reference the others are compared with."""
+def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, peers: bool = True):
+    """name -> attention(q, k, v); ours runs first and is the reference the others are compared with. Without
+    peers, ours alone (past 128K FlexAttention's mask table alone is tens of GB, dense flash takes minutes)."""
+    first = {"dist_moe moba (ours)": lambda q, k, v: moba_kernels.moba_attention(q, k, v, block_size, top_k,
+                                                                                 chosen=chosen)}
+    if not peers:
+        return first
     return {
-        "dist_moe moba (ours)": lambda q, k, v: moba_kernels.moba_attention(q, k, v, block_size, top_k, chosen=chosen),
+        **first,
         "FlexAttention, MoBA mask": flex_moba(chosen, block_size, N),
         "PyTorch MoBA (gather + SDPA)": pytorch_moba(chosen, block_size),
         "dist_moe flash_attention, dense causal": lambda q, k, v: flash_attention(q, k, v, causal=True),
@@ -127,14 +150,15 @@ def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
     v = torch.randn(B, HKV, N, D, device=device, dtype=dtype, requires_grad=True)
     do = torch.randn(B, HQ, N, D, device=device, dtype=dtype)
     with torch.no_grad():
-        chosen = moba_kernels.select_blocks(q, k, block_size, top_k)[..., :top_k]
+        chosen = moba_kernels.select_blocks(q, k, block_size, top_k)[..., :top_k].contiguous()
     gate_ms = triton.testing.do_bench(lambda: moba_kernels.select_blocks(q, k, block_size, top_k),
                                       return_mode="median")
     moba_flops = 4 * B * HQ * D * N * (top_k * block_size + block_size / 2)
     common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, dtype=str(dtype)[6:],
                   gate_ms=gate_ms, tile_coverage=tile_coverage(chosen, block_size))
     rows, ours = [], None
-    for name, fn in implementations(chosen, block_size, top_k, N).items():
+    peers = N <= max(n for n, _ in SHAPES["all"])
+    for name, fn in implementations(chosen, block_size, top_k, N, peers).items():
         row = dict(impl=name, **common)
         try:
             out = fn(q, k, v)

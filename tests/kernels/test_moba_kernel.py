@@ -23,6 +23,7 @@ CPU_CASES = [
     (1, 2, 1, 70, 16, 16, 2, F32),  # ragged last block, GQA 2, blocks of one tile
     (1, 4, 2, 77, 32, 32, 3, F16),  # blocks of two tiles, top_k padded to 4
     (2, 2, 2, 48, 16, 16, 1, F32),  # MHA, N a multiple of the block
+    (1, 2, 2, 200, 16, 64, 2, F32),  # blocks of several query and key tiles
 ]
 GPU_CASES = [(2, 8, hkv, n, d, bs, k, dtype) for hkv in (8, 2) for n in (1000, 4096) for d in (64, 128)
              for bs, k in ((64, 3), (128, 2)) for dtype in (BF16, F16, F32)]
@@ -43,20 +44,35 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype, what: str):
     assert rms < TOLERANCE[dtype] and worst < 10 * TOLERANCE[dtype], f"{what}: rms {rms:.2e}, max {worst:.2e}"
 
 
+def _check_against_reference(q, k, v, block_size, chosen, dtype):
+    out = kernel.moba_attention(q, k, v, block_size, chosen.shape[-1], chosen=chosen)
+    do = torch.randn_like(out)
+    out.backward(do)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = moba_attention_reference(q64, k64, v64, block_size, chosen.shape[-1], chosen=chosen)
+    ref.backward(do.double())
+    _close(out, ref, dtype, "out")
+    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
+        _close(got, want, dtype, name)
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
 def test_moba_forward_and_grads_equal_dense_masked_reference(B, Hq, Hkv, N, D, block_size, top_k, dtype):
     q, k, v = _inputs(B, Hq, Hkv, N, D, dtype)
     chosen = select_blocks(q.detach(), k.detach(), block_size, top_k)
     assert (chosen >= 0).any(), "the case must exercise past blocks"
-    out = kernel.moba_attention(q, k, v, block_size, top_k, chosen=chosen)
-    do = torch.randn_like(out)
-    out.backward(do)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = moba_attention_reference(q64, k64, v64, block_size, top_k, chosen=chosen)
-    ref.backward(do.double())
-    _close(out, ref, dtype, "out")
-    for name, got, want in (("dq", q.grad, q64.grad), ("dk", k.grad, k64.grad), ("dv", v.grad, v64.grad)):
-        _close(got, want, dtype, name)
+    _check_against_reference(q, k, v, block_size, chosen, dtype)
+
+
+def test_moba_adversarial_choices_equal_reference():
+    """Every query that can chooses block 0 and block 2; blocks 1, 3, 4, ... are chosen by nobody (the tiles
+    skip them, and the dK/dV of block 0 sums every later query tile), the last block ragged."""
+    B, Hq, Hkv, N, D, block_size = 1, 2, 1, 100, 16, 16
+    q, k, v = _inputs(B, Hq, Hkv, N, D, F32, seed=3)
+    own = (torch.arange(N) // block_size)[:, None]
+    chosen = torch.tensor([0, 2]).expand(N, 2).masked_fill(torch.tensor([0, 2]) >= own, -1)
+    chosen = chosen.expand(B, Hq, N, 2).to(DEVICE)
+    _check_against_reference(q, k, v, block_size, chosen, F32)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
