@@ -277,6 +277,7 @@ class PeerSlots:
         self.need: Optional[torch.Tensor] = None  # (chunks,) device: the last forward's, until fit_peer_slots
         self.seen: list[int] = []  # per chunk, the largest need since the last shrink check
         self.forwards = 0
+        self.overflows = 0  # forwards this bound overflowed (each one redone), since the model was built
 
     def slots(self, num_rows: int, capacity: int, bounds: list[tuple[int, int]]) -> list[int]:
         """B per chunk for a forward of num_rows rows (no peer can need more than min(rows, experts x capacity))."""
@@ -300,6 +301,7 @@ class PeerSlots:
             targets = [self._rounded(self.GROWTH * seen) for seen in self.seen]
             self.bound = [target if bound > 2 * target else bound for bound, target in zip(self.bound, targets)]
             self.seen, self.forwards = [0] * len(self.seen), 0
+        self.overflows += any(overflowed)
         return any(overflowed)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, grad_accum_dtype, to_yaml
+from dist_moe.model.moe.layer import bound_overflows
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group
@@ -109,6 +110,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
         clock.saved()
         say(ctx, f"checkpoint {path}")
 
+    overflows_before = bound_overflows(engine.module)  # moe.exchange=bounded: redone forwards, logged per window
     scores: dict[str, float] = {}  # no evaluation yet (a stop before the first one): null in summary.json
     if step == 0:  # where training starts from, as a baseline for every later evaluation
         heartbeat.enter("evaluation")
@@ -133,6 +135,9 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
                 "train/grad_norm": _grad_norm(engine), "perf/tokens_per_second": tokens_per_second,
                 "perf/mfu": mfu(flops_per_token, tokens_per_second / ctx.world_size, peak),
             }
+            if cfg.moe.exchange == "bounded":  # forwards redone since the last line (evaluations included)
+                overflows = bound_overflows(engine.module)
+                scalars["moe/bound_overflows"], overflows_before = overflows - overflows_before, overflows
             metrics.log(step, scalars)
             say(ctx, f"step {step:>6}/{cfg.train.max_steps} | loss {scalars['train/loss']:.4f} | "
                      f"aux {scalars['train/aux_loss']:.3f} | lr {scalars['train/lr']:.2e} | "

@@ -24,6 +24,8 @@ def test_overflow_grows_the_bound_with_margin_and_reports_it():
     assert slots.update([16, 9]) is False and slots.bound == [16, 16]  # a need equal to the bound fits
     assert slots.update([17, 3]) is True and slots.bound == [24, 16]  # ceil(1.25 * 17) = 22 -> 24
     assert slots.update([24, 16]) is False
+    assert slots.update([25, 17]) is True and slots.bound == [32, 24]
+    assert slots.overflows == 2  # forwards that overflowed (and were redone), one per forward however many chunks
 
 
 def test_bound_shrinks_only_when_far_above_the_window_need():

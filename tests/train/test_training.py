@@ -1,6 +1,7 @@
 """Short real runs through the CLI, DeepSpeed and the stdlib corpus (each in its own process, as users run)."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -70,3 +71,26 @@ def test_generate_samples_from_an_ep2_checkpoint_in_one_process(tmp_path, cache_
     missing = subprocess.run([sys.executable, "-m", "dist_moe.cli", "generate", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no config.yaml" in missing.stderr
+
+
+def test_bounded_exchange_run_trains_as_ragged_and_counts_its_redone_forwards(tmp_path, cache_dir):
+    """Dropless EP=2 through the CLI with bounds that start far too small (bound_factor 0.3): every overflow is
+    redone before any backward, so the losses equal the ragged exchange's bit for bit; a layer's first overflow
+    prints one line, later ones only count in moe/bound_overflows."""
+    runs = {}
+    for exchange in ("ragged", "bounded"):
+        run_dir = tmp_path / exchange
+        result = dist_moe("train", "--nproc", "2", *SMALL, "moe.ep_size=2", "moe.dropless=true",
+                          f"moe.exchange={exchange}", "moe.bound_factor=0.3", "train.max_steps=6",
+                          "train.eval_every=3", f"run_dir={run_dir}", cache_dir=cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[exchange] = (read_metrics(run_dir), result.stdout + result.stderr)
+    (ragged, _), (bounded, output) = runs["ragged"], runs["bounded"]
+    loss = lambda rows, key: [row[key] for row in rows if key in row]  # noqa: E731
+    assert loss(bounded, "train/loss") == loss(ragged, "train/loss") and len(loss(ragged, "train/loss")) == 6
+    assert loss(bounded, "val/loss") == loss(ragged, "val/loss")
+    redos = loss(bounded, "moe/bound_overflows")
+    assert len(redos) == 6 and sum(redos) >= 1 and not loss(ragged, "moe/bound_overflows")
+    first = [line for line in output.splitlines() if "overflowed its bound for the first time" in line]
+    layers = re.findall(r"'(blocks\.\d+\.ffn)'", "".join(first))
+    assert first and len(layers) == len(set(layers)), first  # each layer's first overflow once, then silence

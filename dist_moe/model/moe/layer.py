@@ -158,11 +158,20 @@ def forward_within_bounds(model: nn.Module, forward: Callable[[], Output], undo:
         if not overflowed:
             return out
         del out  # free the dropped attempt's activations before the next one
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            names = list(bounded)
-            grown = {names[i]: bounded[names[i]].exchange.peer_slots.bound for i in overflowed}
-            _log.warning("moe.exchange=bounded: rows per peer overflowed the bound; forward redone with bounds "
-                         "(per chunk) %s", grown)
+        names = list(bounded)
+        first = {names[i]: bounded[names[i]].exchange.peer_slots.bound for i in overflowed
+                 if bounded[names[i]].exchange.peer_slots.overflows == 1}
+        if first and (not dist.is_initialized() or dist.get_rank() == 0):
+            _log.warning("moe.exchange=bounded: a layer's rows per peer overflowed its bound for the first time; the "
+                         "forward was redone with bounds (per chunk) %s. Expected while routing settles; later "
+                         "overflows are counted in moe/bound_overflows, not printed", first)
         for name, layer in layers.items():
             layer.router.set_state(routers[name])
         undo()
+
+
+def bound_overflows(model: nn.Module) -> int:
+    """Forwards redone so far because a bounded exchange overflowed, summed over model's MoE layers (a forward in
+    which two layers overflowed counts twice). The same on every rank: bounds move on all-reduced needs."""
+    return sum(module.exchange.peer_slots.overflows for module in model.modules()
+               if isinstance(module, MoELayer) and module.exchange is not None and module.exchange.peer_slots is not None)
