@@ -452,6 +452,9 @@ def validate(cfg: Config) -> None:
                  f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
         need(moe.drop_policy == "position", "moe.drop_policy",
              "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
+        for key, baseline in (("moe.exchange", "ragged"), ("moe.a2a", "flat"), ("moe.a2a_chunks", 1)):
+            need(_get(cfg, key) == baseline, key,
+                 f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's MoE layer runs its own all-to-all)")
 
 
 def fit_to_workers(cfg: Config, num_workers: int) -> Config:

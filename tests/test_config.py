@@ -31,6 +31,8 @@ def test_preset_from_a_yaml_path(tmp_path):
     (["model.rope_scaling=dynamic"], "model.rope_scaling", "none | linear | ntk | yarn"),
     (["data.seq_len=4096"], "data.seq_len", "<= model.max_seq_len"),
     (["moe.impl=deepspeed", "moe.top_k=4"], "moe.top_k", "1 or 2 with moe.impl=deepspeed"),
+    (["moe.impl=deepspeed", "moe.exchange=padded"], "moe.exchange", "'ragged' with moe.impl=deepspeed"),
+    (["moe.impl=deepspeed", "moe.ep_size=2", "moe.a2a_chunks=2"], "moe.a2a_chunks", "1 with moe.impl=deepspeed"),
     (["cluster.hang_timeout_s=0"], "cluster.hang_timeout_s", "a positive number of seconds"),
     (["moe.ep_size=2", "moe.a2a_chunks=5"], "moe.a2a_chunks", "1 .. experts per rank (4)"),
     (["moe.exchange=even"], "moe.exchange", "ragged | padded | bounded"),
