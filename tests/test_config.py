@@ -1,4 +1,5 @@
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -171,3 +172,17 @@ def test_elastic_range_with_a_count_that_cannot_keep_the_global_batch_is_refused
                                 "cluster.min_workers=4"]).cluster.min_workers == 4
     with pytest.raises(ConfigError, match="'cluster.min_workers' = 5: expected 0 .off. to cluster.num_workers=4"):
         load_config("tiny", ["cluster.num_workers=4", "cluster.min_workers=5"])
+
+
+def test_every_train_line_of_the_readme_tour_is_a_valid_config():
+    """The README's `dist-moe train ...` examples load and validate as written (docs that match the code)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    lines = [line.split("#")[0].split()[2:] for line in readme.splitlines() if line.startswith("dist-moe train ")]
+    assert len(lines) >= 5, lines
+    for args in lines:
+        args = [a for a in args if a != "--help"]
+        nproc = int(args[args.index("--nproc") + 1]) if "--nproc" in args else 1
+        args = [a for i, a in enumerate(args) if a != "--nproc" and (i == 0 or args[i - 1] != "--nproc")]
+        preset = args.pop(0) if args and "=" not in args[0] else None
+        cfg = load_config(preset, args)
+        config.check_world_size(cfg, nproc if cfg.cluster.kind != "ray" else cfg.cluster.num_workers)
