@@ -17,7 +17,7 @@ from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file
 from dist_moe.model.moe.layer import bound_overflows
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
-from dist_moe.parallel.groups import expert_parallel_group
+from dist_moe.parallel.groups import expert_parallel_group, node_layout
 from dist_moe.train import checkpoint
 from dist_moe.train.engine import (DistContext, build_engine, destroy_process_group_at_exit, follow_schedule,
                                    init_distributed)
@@ -98,6 +98,8 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
     peak = peak_flops(ctx.device)
     say(ctx, f"model: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active per token; "
              f"{ctx.world_size} rank(s) on {ctx.device.type}, EP={cfg.moe.ep_size}, ZeRO-{cfg.train.zero_stage}"
+             + (f"; hierarchical all-to-all over nodes of {node_layout(cfg.moe.ep_size).sizes} EP ranks"
+                if cfg.moe.a2a == "hierarchical" and cfg.moe.ep_size > 1 else "")
              + (f"; gradients summed over {cfg.train.grad_accum_steps} micro steps in "
                 f"{grad_accum_dtype(cfg, ctx.device.type)}" if cfg.train.grad_accum_steps > 1 else ""))
 

@@ -1,6 +1,6 @@
 """Multi-node Ray on one machine (network namespaces, see netns_cluster.py): a `dist-moe submit` job whose
-expert-parallel group spans two nodes, a node killed mid-run that comes back, and `dist-moe stop` of a job
-spread over the nodes."""
+expert-parallel group spans two nodes (flat and hierarchical all-to-all), a node killed mid-run that comes back,
+and `dist-moe stop` of a job spread over the nodes."""
 
 from __future__ import annotations
 
@@ -92,6 +92,19 @@ def test_submit_spreads_workers_over_nodes_with_ep_across_them(cluster, uninterr
     assert sorted(rank_nodes(result.stdout).values()) == sorted(cluster.ips[1:])  # one rank on each worker node
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
     assert [row["step"] for row in metrics_rows(run_dir)] == list(range(1, STEPS + 1))
+
+
+def test_hierarchical_exchange_takes_the_nodes_from_ray_and_trains_as_flat(cluster, cache, uninterrupted, tmp_path):
+    """moe.a2a=hierarchical on the same run: the node layout comes from Ray Train's LOCAL_RANK (one EP rank on each
+    of two nodes) and every step's loss equals the flat exchange's bit for bit (same rows, same order)."""
+    run_dir = tmp_path / "run"
+    result = dist_moe(cluster, "submit", "--address", cluster.address, *SMALL, "moe.a2a=hierarchical",
+                      f"run_dir={run_dir}", f"data.cache_dir={cache}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "hierarchical all-to-all over nodes of [1, 1] EP ranks" in result.stdout, result.stdout[-3000:]
+    assert sorted(rank_nodes(result.stdout).values()) == sorted(cluster.ips[1:])
+    losses = [row["train/loss"] for row in metrics_rows(run_dir)]
+    assert losses == [row["train/loss"] for row in metrics_rows(uninterrupted[0])] and len(losses) == STEPS
 
 
 def test_lost_node_restarts_on_fewer_workers_and_grows_back(cluster, cache, uninterrupted, tmp_path):
