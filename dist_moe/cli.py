@@ -103,6 +103,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if Path(args.job_id).is_dir():  # a run dir (a job id is never one): progress and every rank's heartbeat
+        from dist_moe.train.progress import run_status
+
+        print(run_status(Path(args.job_id)))
+        return 0
     from dist_moe.cluster import jobs
 
     jobs.status(args.address, args.job_id)
@@ -246,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--working-dir", default=None, help="directory uploaded with the job (default: current)")
     submit.set_defaults(fn=cmd_submit)
-    for name, fn, text in (("status", cmd_status, "a submitted job's status"), ("logs", cmd_logs, "a job's logs"),
+    for name, fn, text in (("status", cmd_status, "a submitted job's status, or a run dir's: progress and each "
+                                                  "rank's heartbeat"), ("logs", cmd_logs, "a job's logs"),
                            ("stop", cmd_stop, "stop a submitted job")):
         job = sub.add_parser(name, help=text, parents=[common, address])
-        job.add_argument("job_id")
+        job.add_argument("job_id", metavar="JOB_ID|RUN_DIR" if name == "status" else "JOB_ID")
         if name == "logs":
             job.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         job.set_defaults(fn=fn)

@@ -24,16 +24,18 @@ from pathlib import Path
 HANG_EXIT_CODE = 3
 OBSERVED_BEATS = 3  # beat periods a peer's counter must stand still, after the timeout, to count as stopped
 MIN_GAP_S = 0.25  # between two writes: a few per step at most
+MAX_INTERVAL_S = 5.0  # between two beats of a live rank, at most (plus MIN_GAP_S)
+SILENT_AFTER_S = OBSERVED_BEATS * (MAX_INTERVAL_S + MIN_GAP_S)  # `dist-moe status`: no beat for this long
 
 
 class Heartbeat:
     def __init__(self, run_dir: Path, rank: int, world_size: int, timeout_s: float):
         self.dir = Path(run_dir) / "heartbeats"
         self.run_dir, self.rank, self.world_size, self.timeout_s = Path(run_dir), rank, world_size, timeout_s
-        self.interval = min(5.0, timeout_s / 4)
+        self.interval = min(MAX_INTERVAL_S, timeout_s / 4)
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.step, self.phase, self.since, self.watched = 0, "starting", time.monotonic(), False
-        self.beats = 0
+        self.beats, self.closed = 0, False
         self.dir.mkdir(parents=True, exist_ok=True)
         self._stopped, self._changed = threading.Event(), threading.Event()
         self._write()
@@ -52,6 +54,7 @@ class Heartbeat:
         self._stopped.set()
         self._changed.set()
         self._thread.join()
+        self.closed = True  # the rank left the training loop (done, stopped, or an error raised in self.phase)
         self._write()
 
     def _path(self, rank: int) -> Path:
@@ -59,7 +62,8 @@ class Heartbeat:
 
     def _write(self) -> None:
         beat = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
-                "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(), "beat": self.beats}
+                "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(), "beat": self.beats,
+                "closed": self.closed}
         tmp = self.dir / f".rank{self.rank}.json.tmp"
         try:  # rename, not fsync: a reader sees a whole file; a beat lost to a crash costs nothing
             tmp.write_text(json.dumps(beat) + "\n")

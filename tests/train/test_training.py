@@ -26,6 +26,11 @@ def test_short_run_loss_falls_and_leaves_a_complete_run_dir(tmp_path, cache_dir)
         assert (run_dir / name).exists(), name
     assert (run_dir / "checkpoints" / (run_dir / "checkpoints/latest").read_text().strip()).is_dir()
     assert "run dir:" in result.stdout and "dist-moe tensorboard" in result.stdout
+    status = subprocess.run([sys.executable, "-m", "dist_moe.cli", "status", str(run_dir)], capture_output=True,
+                            text=True).stdout.splitlines()
+    assert status[0] == f"run {run_dir}: last logged step 40 of 40; newest checkpoint step_00000040 (1 complete)"
+    assert status[1].startswith("summary.json: step 40, completed") and status[3].split()[:1] == ["0"]
+    assert status[3].endswith("exited") and "finished" in status[3]  # rank 0 left the loop after finishing
 
 
 def test_missing_corpus_is_one_clear_line_and_leaves_no_empty_run_dir(tmp_path, cache_dir):

@@ -1,0 +1,69 @@
+"""`dist-moe status RUN_DIR`: where a run is, read from its run dir alone (no cluster address needed): the last
+logged step, the newest complete checkpoint, how it ended if it did, and every rank's heartbeat, so that a user
+can see which rank stalled and where without waiting for the hang watchdog."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dist_moe.config import ConfigError, from_yaml_file
+from dist_moe.train import checkpoint
+from dist_moe.train.heartbeat import SILENT_AFTER_S
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    steps = []
+    for line in lines[-50:]:  # the tail; a line being appended may be cut short
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return max(steps) if steps else None
+
+
+def rank_rows(run_dir: Path, now: float) -> list[str]:
+    """One line per rank heartbeat file: rank, host, pid, step, phase, time in that phase, age of the beat, and
+    'exited' (it left the training loop) or 'SILENT' (no beat for SILENT_AFTER_S: stopped, frozen or gone)."""
+    beats = [beat for path in (run_dir / "heartbeats").glob("rank*.json") if (beat := _json(path))]
+    rows = [f"{'rank':>4}  {'host':<20} {'pid':>7} {'step':>7}  {'phase':<38} {'in phase':>9} {'last beat':>10}"]
+    for beat in sorted(beats, key=lambda b: b["rank"]):
+        age = now - beat["time"]
+        state = "exited" if beat.get("closed") else "SILENT" if age > SILENT_AFTER_S else ""
+        rows.append(f"{beat['rank']:>4}  {beat['host'][:20]:<20} {beat['pid']:>7} {beat['step']:>7}  "
+                    f"{beat['phase'][:38]:<38} {beat.get('phase_seconds', 0):>8.0f}s {age:>8.0f}s ago  {state}".rstrip())
+    return rows
+
+
+def run_status(run_dir: Path) -> str:
+    """What the run dir says about the run now, as lines for the terminal."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"'{run_dir}' is not a run dir (no config.yaml): expected a run dir or a Ray job id")
+    try:
+        max_steps = from_yaml_file(run_dir / "config.yaml").train.max_steps
+    except (OSError, ConfigError):
+        max_steps = "?"
+    step = _last_logged_step(run_dir)
+    complete = checkpoint.complete_checkpoints(run_dir)
+    lines = [f"run {run_dir}: last logged step {step if step is not None else '-'} of {max_steps}; newest "
+             f"checkpoint {complete[-1].name if complete else '-'} ({len(complete)} complete)"]
+    summary = _json(run_dir / "summary.json")
+    if summary:
+        ended = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime((run_dir / "summary.json").stat().st_mtime))
+        how = "completed" if summary.get("completed") else "stopped early"
+        lines.append(f"summary.json: step {summary.get('step')}, {how} (written {ended}; a resumed run rewrites it)")
+    rows = rank_rows(run_dir, time.time())
+    lines += rows if len(rows) > 1 else ["no heartbeats yet (RUN_DIR/heartbeats/ appears when the ranks start)"]
+    return "\n".join(lines)
