@@ -49,8 +49,9 @@ def rank_rows(run_dir: Path, now: float) -> list[str]:
 
 def run_status(run_dir: Path) -> str:
     """What the run dir says about the run now, as lines for the terminal."""
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"'{run_dir}' is not a run dir (no config.yaml): expected a run dir or a Ray job id")
+    if not (run_dir / "config.yaml").is_file() and not (run_dir / "heartbeats").is_dir():
+        raise ConfigError(f"'{run_dir}' holds no run (no config.yaml, no heartbeats/; a starting run has them once "
+                          "its ranks start): expected a run dir or a Ray job id")
     try:
         max_steps = from_yaml_file(run_dir / "config.yaml").train.max_steps
     except (OSError, ConfigError):

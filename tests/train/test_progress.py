@@ -42,8 +42,9 @@ def test_status_of_a_run_dir_names_the_silent_rank_and_the_newest_checkpoint(tmp
     assert rows[2].endswith("exited")
 
 
-def test_status_of_a_folder_that_is_no_run_dir_is_one_line(tmp_path):
+def test_status_of_a_folder_that_holds_no_run_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dist_moe.cli", "status", str(tmp_path)], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == (
-        f"error: '{tmp_path}' is not a run dir (no config.yaml): expected a run dir or a Ray job id")
+        f"error: '{tmp_path}' holds no run (no config.yaml, no heartbeats/; a starting run has them once its ranks "
+        "start): expected a run dir or a Ray job id")
