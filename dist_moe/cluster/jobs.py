@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import shutil
@@ -82,6 +83,29 @@ def _without_env(*names: str) -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _quiet_ray_client() -> Iterator[None]:
+    """While Ray's job client packs and uploads the working dir: its INFO line per step off, and its notice that
+    .git and .venv are now left out by default (we leave them out anyway, EXCLUDES) dropped; other warnings stay.
+    submit says in one line what it uploads."""
+    quieted = [logging.getLogger("ray"), logging.getLogger("ray.dashboard.modules.dashboard_sdk")]  # the 2nd: own level
+    levels = [logger.level for logger in quieted]
+    for logger in quieted:
+        logger.setLevel(logging.WARNING)
+    packing = logging.getLogger("ray._private.runtime_env.working_dir")
+
+    def not_the_default_excludes_notice(record: logging.LogRecord) -> bool:
+        return "is now ignored by default" not in str(record.msg)
+
+    packing.addFilter(not_the_default_excludes_notice)
+    try:
+        yield
+    finally:
+        for logger, level in zip(quieted, levels):
+            logger.setLevel(level)
+        packing.removeFilter(not_the_default_excludes_notice)
 
 
 def _client(address: Optional[str]):
@@ -159,7 +183,8 @@ def submit(address: Optional[str], preset: Optional[str], overrides: list[str], 
     if not root.is_dir():
         raise JobError(f"working dir '{root}' is not a directory")
     jobs = _client(address)
-    with staged_preset(preset, root) as preset_ref:
+    print(f"uploading working dir {root} (without git-ignored files and {', '.join(EXCLUDES)})", flush=True)
+    with staged_preset(preset, root) as preset_ref, _quiet_ray_client():
         command = entrypoint(preset_ref, overrides)
         try:
             job_id = jobs.submit_job(entrypoint=command, runtime_env=runtime_env(root, cfg.cluster.stop_timeout_s))

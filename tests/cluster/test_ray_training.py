@@ -45,6 +45,8 @@ def test_two_worker_job_through_submit_trains_checkpoints_and_logs(ray_head, tmp
                       f"data.cache_dir={cache}", cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+)", result.stdout).group(1)
+    assert f"uploading working dir {tmp_path} (without git-ignored files" in result.stdout
+    assert not re.search(r"INFO (packaging|dashboard_sdk)", result.stderr), result.stderr[-2000:]  # Ray's steps: off
     assert "2 rank(s)" in result.stdout and "EP=2" in result.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
