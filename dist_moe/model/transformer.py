@@ -88,6 +88,8 @@ class Transformer(nn.Module):
         offset = caches[0].length if caches else 0
         if offset + tokens.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {offset + tokens.shape[1]} tokens > model.max_seq_len={self.rope_cos.shape[0]}")
+        if self.cfg.moe.exchange != "bounded":  # nothing to check or redo: no module walk, no cache copies
+            return self._forward(tokens, caches)
         cached = [vars(cache).copy() for cache in caches or []]
 
         def undo():

@@ -147,8 +147,7 @@ def forward_within_bounds(model: nn.Module, forward: Callable[[], Output], undo:
     step counters) after undo() (the caller's own state, e.g. KV caches), until none overflows. Nothing has
     run backward yet, so every result returned is exact. One host read per pass (fit_peer_slots)."""
     layers = {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
-    bounded = {name: layer for name, layer in layers.items()
-               if layer.exchange is not None and layer.exchange.peer_slots is not None}
+    bounded = {name: layer for name, layer in layers.items() if _is_bounded(layer)}
     if not bounded:
         return forward()
     routers = {name: layer.router.state() for name, layer in layers.items()}
@@ -174,4 +173,9 @@ def bound_overflows(model: nn.Module) -> int:
     """Forwards redone so far because a bounded exchange overflowed, summed over model's MoE layers (a forward in
     which two layers overflowed counts twice). The same on every rank: bounds move on all-reduced needs."""
     return sum(module.exchange.peer_slots.overflows for module in model.modules()
-               if isinstance(module, MoELayer) and module.exchange is not None and module.exchange.peer_slots is not None)
+               if isinstance(module, MoELayer) and _is_bounded(module))
+
+
+def _is_bounded(layer: MoELayer) -> bool:
+    """The layer exchanges rows with a bounded layout (moe.exchange=bounded and EP > 1)."""
+    return layer.exchange is not None and layer.exchange.peer_slots is not None
