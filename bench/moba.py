@@ -11,11 +11,21 @@ FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair pe
   4*32*128 * 131072 * 8256 = 1.77e13, i.e. 8.0x fewer than dense (1/16 of the keys vs 1/2, plus the own
   block). The gate adds 2*B*Hq*D * N * (N/block)/2 FLOPs: at block 128, 2*32*128 * 131072 * 512 = 5.5e11
   (3% of MoBA's forward), plus the running top-k's O(N * N/block * top_k) compares.
-- bytes (kernels/moba.py): per query tile (64 rows) the forward streams K and V of every block any of its
-  rows chose: 2 * union * block * D * 2 bytes. With independent random choices (these random inputs) a tile
-  of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so ours does near-dense work: predicted
-  ~1x dense flash, not 8x. The table reports the measured union ("tile coverage": visited (tile, block)
-  pairs / past pairs). Measured on an H200 at N = 8K (coverage 0.99): 2.1-2.4x dense flash's time.
+- bytes, "tile" order (kernels/moba.py): per query tile (64 rows) the forward streams K and V of every block
+  any of its rows chose: 2 * union * block * D * 2 bytes. With independent random choices (these random
+  inputs) a tile of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so this order does
+  near-dense work: predicted ~1x dense flash, not 8x. The table reports the measured union ("tile
+  coverage": visited (tile, block) pairs / past pairs).
+- bytes, "gather" order (collect and densify, the default): per (query, chosen block) pair, ~3.3 KB forward
+  (the gathered q row, its fp32 softmax state read and written, its share of the block's K/V in half-full
+  tiles; 2.3 KB in full ones), ~3.6 KB for dQ, ~1 KB for dK/dV (kernels/moba.py's docstring has the
+  count): 20-28 FLOP/byte forward, so it is bandwidth-bound unless L2 holds a range's scratch. At
+  N = 128K, block 128 (268M pairs): 620-890 GB forward from HBM in the worst case, 130-185 ms at 4.8 TB/s;
+  44 ms if compute-bound at 400 TFLOP/s; dense flash's forward is ~350 ms there. Its column index (a
+  stable sort of the 268M pairs) is in the timed step and also timed alone ("index ms"), with its size
+  ("index GiB"). Variants of ours: "gathered ranges of 1024 rows" (FlashMoBA's range at this sparsity:
+  fuller tiles, twice the scratch per program), "forward tiles 32x64 w4" (two forward programs per SM),
+  "tile order" (the per-tile kernels).
 Every implementation gets the same block choice (our gate's); the timed step is attention forward+backward,
 so neither our gate nor FlexAttention's block-mask build is in it: the gate's own time is a column.
 Targets (issue 27): fwd+bwd >= 1.5x FlexAttention at N >= 32K; >= 8x dense flash at N = 128K, block 128;
@@ -118,15 +128,36 @@ def pytorch_moba(chosen: torch.Tensor, block_size: int, chunk_bytes: float = 2e9
     return run
 
 
+def ours(chosen: torch.Tensor, block_size: int, top_k: int, order: str = "gather", **settings):
+    """Our kernels in one order, with kernels/moba.py's settings (GATHER_RANGE_ROWS, TILES) replaced during
+    the forward call; the autograd Function keeps the forward's range size for the backward, whose tiles
+    are the module's own."""
+    def run(q, k, v):
+        default = {name: getattr(moba_kernels, name) for name in settings}
+        for name, value in settings.items():
+            setattr(moba_kernels, name, value)
+        try:
+            return moba_kernels.moba_attention(q, k, v, block_size, top_k, chosen=chosen, order=order)
+        finally:
+            for name, value in default.items():
+                setattr(moba_kernels, name, value)
+    return run
+
+
 def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, peers: bool = True):
     """name -> attention(q, k, v); ours runs first and is the reference the others are compared with. Without
-    peers, ours alone (past 128K FlexAttention's mask table alone is tens of GB, dense flash takes minutes)."""
-    first = {"dist_moe moba (ours)": lambda q, k, v: moba_kernels.moba_attention(q, k, v, block_size, top_k,
-                                                                                 chosen=chosen)}
+    peers, ours alone (past 128K FlexAttention's mask table alone is tens of GB, dense flash takes minutes).
+    Two variants of ours try the guesses most likely to be wrong: FlashMoBA's 1024-row ranges, and a
+    forward of 32 x 64 tiles on 4 warps (two programs per SM, to hide the gathers' latency)."""
+    first = {"dist_moe moba (ours)": ours(chosen, block_size, top_k)}
     if not peers:
         return first
+    small_forward = {**moba_kernels.TILES, "gather": {**moba_kernels.TILES["gather"], "forward": (32, 64, 4, 2)}}
     return {
         **first,
+        "dist_moe moba, gathered ranges of 1024 rows": ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024),
+        "dist_moe moba, forward tiles 32x64 w4": ours(chosen, block_size, top_k, TILES=small_forward),
+        "dist_moe moba, tile order": ours(chosen, block_size, top_k, order="tile"),
         "FlexAttention, MoBA mask": flex_moba(chosen, block_size, N),
         "PyTorch MoBA (gather + SDPA)": pytorch_moba(chosen, block_size),
         "dist_moe flash_attention, dense causal": lambda q, k, v: flash_attention(q, k, v, causal=True),
@@ -153,9 +184,13 @@ def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
         chosen = moba_kernels.select_blocks(q, k, block_size, top_k)[..., :top_k].contiguous()
     gate_ms = triton.testing.do_bench(lambda: moba_kernels.select_blocks(q, k, block_size, top_k),
                                       return_mode="median")
+    index = lambda: moba_kernels.column_index(chosen, N // block_size, moba_kernels._range_rows(block_size))
+    index_ms = triton.testing.do_bench(index, return_mode="median")
+    index_gib = sum(x.numel() * x.element_size() for x in index()) / 2**30
     moba_flops = 4 * B * HQ * D * N * (top_k * block_size + block_size / 2)
     common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, dtype=str(dtype)[6:],
-                  gate_ms=gate_ms, tile_coverage=tile_coverage(chosen, block_size))
+                  gate_ms=gate_ms, index_ms=index_ms, index_gib=index_gib,
+                  tile_coverage=tile_coverage(chosen, block_size))
     rows, ours = [], None
     peers = N <= max(n for n, _ in SHAPES["all"])
     for name, fn in implementations(chosen, block_size, top_k, N, peers).items():
@@ -186,12 +221,13 @@ def markdown(rows, meta) -> str:
              f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, Hq={HQ}, Hkv={HKV}, D={D}, "
              f"B*N={TOKENS}; forward+backward, median of do_bench. Speedup = that impl's time / ours.", "",
              f"Command: `{meta['command']}`", "",
-             "| N | block | top_k | gate ms | tile coverage | impl | fwd+bwd ms | MoBA TFLOP/s | ours faster by |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| N | block | top_k | gate ms | index ms | index GiB | tile coverage | impl | fwd+bwd ms | MoBA TFLOP/s "
+             "| ours faster by |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["N"], r["block_size"]): r for r in rows if r["impl"].endswith("(ours)") and "fwd_bwd_ms" in r}
     for r in rows:
-        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} | {r['tile_coverage']:.2f} | "
-                f"{r['impl']} |")
+        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} | {r['index_ms']:.2f} | "
+                f"{r['index_gib']:.2f} | {r['tile_coverage']:.2f} | {r['impl']} |")
         if "error" in r:
             lines.append(f"{head} error: {r['error'][:80]} | | |")
             continue

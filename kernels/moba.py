@@ -9,13 +9,41 @@ Fp32 accumulation throughout; 16-bit operands go to the tensor cores as they are
 Gate: `_block_means` averages each complete key block; `_gate` scores a tile of queries against all past
 blocks, chunk by chunk, keeping a running top-k per query in registers (no (N, N / block) score matrix).
 
-Attention: one program per query tile walks the union of its queries' choices with a per-query mask
-(`_moba_fwd`, `_moba_dq`); `_moba_dkdv` finds its query tiles in a (tile x block) bitmap. No index, no
-scratch, but a tile's union is nearly every past block when neighbouring queries choose independently
-(0.99 of the past blocks on random inputs at N = 8K): near-dense work. Tiles per kernel are in TILES
-(module top). K/V tiles of the forward and dQ load through tensor descriptors (TMA on Hopper).
-A "gathered" order (FlashMoBA's collect and densify) was tried and dropped: wrong on an H200 and 50x slower;
-bench/results/experiments/moba_gathered_order.md.
+Attention, two orders (`order=`; "gather" is the default until bench/moba.py's GPU numbers say otherwise):
+- "gather", FlashMoBA's collect and densify: the work scales with the (query, chosen block) pairs.
+  `column_index` turns the choice around on the device (a stable sort per head: for each key block the
+  queries that chose it, ascending, cut at range boundaries). `_moba_fwd_gathered`: a program owns a range
+  of GATHER_RANGE_ROWS queries (whole MoBA blocks) of one head; for each past block it gathers the range's
+  queries that chose it into dense tiles (row offsets loaded from the index), runs them against the block,
+  and merges them into their running (m, l, acc) in an fp32 scratch (B, Hq, N, D + 2) that only this
+  program touches: an exact online softmax, no partial output per pair, no races. A last step runs the
+  range's own blocks causally through the same loop (one copy of the step's registers), then a pass
+  normalises and saves the base-2 log-sum-exp. `_moba_dq_gathered` walks the same way with a dQ scratch
+  (deterministic; fp32 atomics from the dK/dV kernel would save recomputing S and dP but add N * top_k * D
+  atomic adds per head and lose determinism). `_moba_dkdv_gathered` owns a key tile: for each query head
+  of its group, the own block's query tiles (causally) and then the block's whole column, gathered into
+  tiles, in one loop; dK, dV summed in registers, written once.
+- "tile": one program per query tile walks the union of its queries' choices with a per-query mask
+  (`_moba_fwd`, `_moba_dq`); `_moba_dkdv` finds its query tiles in a (tile x block) bitmap. No index, no
+  scratch, but a tile's union is nearly every past block when neighbouring queries choose independently.
+  Kept because it may win where the union is small (short N, correlated choices).
+Tiles per kernel are in TILES (module top). Compiled for sm_90 (triton 3.9, cuobjdump -res-usage, D = 128,
+bf16) the gathered kernels fit without spills: forward 64 x 64, 8 warps, 254 registers (wgmma); dQ 32 x 128,
+8 warps, 214; dK/dV 32 x 64, 4 warps, 239. K/V tiles of the forward and dQ load through tensor descriptors.
+
+Cost of "gather" per (query, chosen block) pair, D = 128, block 128, bf16, ranges of 512 rows, where a
+block gathers ~32 of a range's rows at 1/16 density (FLOPs: 4 * block * D = 65.5K forward, 14 * block * D
+backward):
+- forward: the gathered q row (2D bytes), its fp32 state read and written (8D + 16), its share of the
+  block's K and V (4 * block * D / 32 rows = 2 KB): ~3.3 KB, 20 FLOP/byte (28 with full 64-row tiles).
+  That is below an H200's compute/HBM ratio (~200): the forward leans on L2 holding a range's scratch
+  (512 rows * D * 4 = 256 KB per program) and the block's K/V (read by every range of the head in turn).
+- dQ (32-row tiles): q and dO (4D), scratch (8D), the K/V share (2 KB): ~3.6 KB for 6 * block * D FLOPs.
+- dK/dV: q and dO per key tile of 64 (4D bytes, twice per block of 128): ~1 KB for 8 * block * D FLOPs.
+- the index: rows (B * Hq, N * top_k) int32, 1 GB at N = 128K (block 128, top_k 64, B * Hq = 32), starts
+  (B * Hq, N / block, N / range + 1) int32, 34 MB there; the sort runs 2^25 pairs at a time (~1 GB of
+  temporaries). FlashMoBA uses 1024-row ranges at this sparsity (fuller tiles, twice the scratch per
+  program): GATHER_RANGE_ROWS is the knob, and bench/moba.py times both.
 """
 import math
 import os
@@ -27,14 +55,21 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
+ORDERS = ("gather", "tile")
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# (query rows, keys, num_warps, num_stages) per kernel, guessed for 16-bit inputs on an H200. fp32 inputs (ieee
-# dots, 3x the shared memory) take FP32_TILES. _tiles() cuts a side to divide block_size.
-TILES = {"forward": (64, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2)}
+# (query rows, keys, num_warps, num_stages) per order and kernel, guessed for 16-bit inputs on an H200:
+# compiled for sm_90 (triton 3.9) the gathered kernels fit these in registers without spilling, and 64-row
+# tiles run on wgmma. fp32 inputs (ieee dots, 3x the shared memory) take FP32_TILES. _tiles() cuts a side
+# to divide block_size.
+TILES = {"gather": {"forward": (64, 64, 8, 2), "dq": (32, 128, 8, 2), "dkdv": (32, 64, 4, 2)},
+         "tile": {"forward": (64, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2)}}
 FP32_TILES = {kernel: (32, 32, 4, 2) for kernel in ("forward", "dq", "dkdv")}
 if _INTERPRET:  # small tiles, rows and keys unequal both ways, so that tests reach every tile shape
-    TILES = {"forward": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
-    FP32_TILES = TILES
+    TILES = {order: {"forward": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)} for order in ORDERS}
+    FP32_TILES = TILES["gather"]
+# Queries one program of the gathered order owns (rounded to whole MoBA blocks): enough that a key block
+# gathers a tile of them at 1/16 density, few enough that their fp32 state stays near L2.
+GATHER_RANGE_ROWS = 32 if _INTERPRET else 512
 
 
 def _gate_tile(block_size: int) -> int:
@@ -214,8 +249,8 @@ def _moba_dq(Q, K, V, CHOSEN, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Hq, N, GRO
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, offs_m, row_mask, last_key, N, qk_scale,
                HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
-    """Adds the share of the query tile offs_m where row_mask, query i seeing keys up to last_key[i]; the
-    scores are transposed, (BLOCK_N keys, BLOCK_M queries)."""
+    """Adds the share of the queries offs_m (a tile, or rows gathered from the column index) where row_mask,
+    query i seeing keys up to last_key[i]; the scores are transposed, (BLOCK_N keys, BLOCK_M queries)."""
     offs_d = tl.arange(0, HEAD_DIM)
     rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
     q = tl.load(Q + rows, mask=row_mask[:, None], other=0.0)
@@ -277,6 +312,157 @@ def _moba_dkdv(Q, K, V, CHOSEN, TILE_CHOSE, DO, LSE, DELTA, DK, DV, qk_scale, sm
 
 
 # ----------------------------------------------------------------------------------------------------
+# "Collect and densify": the queries that chose a key block, gathered into dense tiles
+
+
+@triton.jit
+def _segment(STARTS, bh, block, first_range, end_range, NUM_BLOCKS, NUM_RANGES, valid=True):
+    """[lo, hi): where the queries of ranges first_range .. end_range - 1 that chose block lie in ROWS[bh];
+    empty unless valid."""
+    row = STARTS + (bh * NUM_BLOCKS + block) * (NUM_RANGES + 1)
+    return tl.load(row + first_range, mask=valid, other=0), tl.load(row + end_range, mask=valid, other=0)
+
+
+@triton.jit
+def _moba_fwd_gathered(Q, K, V, ROWS, STARTS, ACC, M, L, O, LSE, qk_scale, Hq, N, GROUP, BLOCK_SIZE, NUM_BLOCKS,
+                       NUM_RANGES, RANGE_ROWS, PAIRS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program owns the queries [r * RANGE_ROWS, (r + 1) * RANGE_ROWS) of one head and their running
+    softmax state (ACC, M, L: fp32 scratch no other program touches). For each past block, the range's
+    queries that chose it are gathered into dense tiles and run against the block; a last step runs the
+    range's query tiles against their own blocks, causally; then each tile is normalised. One loop serves
+    both kinds of tile, so the compiler keeps one copy of the step's registers."""
+    r = tl.num_programs(0) - 1 - tl.program_id(0)  # the last ranges have the most past blocks: first
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // Hq, bh % Hq
+    b, h_kv = b.to(tl.int32), (h // GROUP).to(tl.int32)  # K/V descriptor coordinates
+    range_start = r * RANGE_ROWS
+    range_end = tl.minimum(range_start + RANGE_ROWS, N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    walk = (range_end - 1) // BLOCK_SIZE  # blocks 0 .. walk - 1 may have been chosen by the range's queries
+    for step in range(0, walk + 1):
+        own_blocks = step == walk
+        # loaded in the step, not carried from the last one: triton 3.6's remove-layout-conversions pass drops
+        # a loop-carried lo (every step then ran from block 0's lo: other ranges' rows, quadratic work)
+        lo, hi = _segment(STARTS, bh, step, r, r + 1, NUM_BLOCKS, NUM_RANGES, step < walk)
+        if own_blocks:
+            lo, hi = range_start, range_end
+        for t in range(lo, hi, BLOCK_M):
+            index = t + tl.arange(0, BLOCK_M)
+            row_mask = index < hi
+            offs_m = tl.where(own_blocks, index, tl.load(ROWS + bh * PAIRS + index, mask=row_mask, other=0))
+            last_key = tl.where(own_blocks, offs_m, N)  # causal in the own block; a chosen block is complete
+            key_start = tl.where(own_blocks, (t // BLOCK_SIZE) * BLOCK_SIZE, step * BLOCK_SIZE)
+            key_end = tl.where(own_blocks, tl.minimum(t + BLOCK_M, N), (step + 1) * BLOCK_SIZE)
+            rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+            q = tl.load(Q + rows, mask=row_mask[:, None], other=0.0)
+            acc = tl.load(ACC + rows, mask=row_mask[:, None], other=0.0)
+            m_i = tl.load(M + bh * N + offs_m, mask=row_mask, other=float("-inf"))
+            l_i = tl.load(L + bh * N + offs_m, mask=row_mask, other=0.0)
+            for start_n in range(key_start, key_end, BLOCK_N):
+                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, b, h_kv, start_n, row_mask, last_key, qk_scale,
+                                          HEAD_DIM, BLOCK_N, PRECISION)
+            tl.store(ACC + rows, acc, mask=row_mask[:, None])
+            tl.store(M + bh * N + offs_m, m_i, mask=row_mask)
+            tl.store(L + bh * N + offs_m, l_i, mask=row_mask)
+            tl.debug_barrier()  # a later tile may hold the same rows: its loads must see these stores
+    for start_m in range(range_start, range_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_mask = offs_m < N
+        rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+        acc = tl.load(ACC + rows, mask=row_mask[:, None], other=0.0)
+        l_i = tl.load(L + bh * N + offs_m, mask=row_mask, other=1.0)  # every row saw at least itself: l > 0
+        m_i = tl.load(M + bh * N + offs_m, mask=row_mask, other=0.0)
+        tl.store(O + rows, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_mask[:, None])
+        tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _moba_dq_gathered(Q, K, V, ROWS, STARTS, DO, LSE, DELTA, DQ_ACC, DQ, qk_scale, sm_scale, Hq, N, GROUP,
+                      BLOCK_SIZE, NUM_BLOCKS, NUM_RANGES, RANGE_ROWS, PAIRS, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ with the forward's ownership and walk: a program sums its range's dQ in DQ_ACC (fp32 scratch),
+    then scales and writes DQ once. Deterministic, no atomics."""
+    r = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // Hq, bh % Hq
+    b, h_kv = b.to(tl.int32), (h // GROUP).to(tl.int32)
+    range_start = r * RANGE_ROWS
+    range_end = tl.minimum(range_start + RANGE_ROWS, N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    walk = (range_end - 1) // BLOCK_SIZE
+    for step in range(0, walk + 1):
+        own_blocks = step == walk
+        # loaded in the step, not carried from the last one: triton 3.6's remove-layout-conversions pass drops
+        # a loop-carried lo (every step then ran from block 0's lo: other ranges' rows, quadratic work)
+        lo, hi = _segment(STARTS, bh, step, r, r + 1, NUM_BLOCKS, NUM_RANGES, step < walk)
+        if own_blocks:
+            lo, hi = range_start, range_end
+        for t in range(lo, hi, BLOCK_M):
+            index = t + tl.arange(0, BLOCK_M)
+            row_mask = index < hi
+            offs_m = tl.where(own_blocks, index, tl.load(ROWS + bh * PAIRS + index, mask=row_mask, other=0))
+            last_key = tl.where(own_blocks, offs_m, N)
+            key_start = tl.where(own_blocks, (t // BLOCK_SIZE) * BLOCK_SIZE, step * BLOCK_SIZE)
+            key_end = tl.where(own_blocks, tl.minimum(t + BLOCK_M, N), (step + 1) * BLOCK_SIZE)
+            rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+            q = tl.load(Q + rows, mask=row_mask[:, None], other=0.0)
+            do = tl.load(DO + rows, mask=row_mask[:, None], other=0.0)
+            lse = tl.load(LSE + bh * N + offs_m, mask=row_mask, other=0.0)
+            delta = tl.load(DELTA + bh * N + offs_m, mask=row_mask, other=0.0)
+            dq = tl.load(DQ_ACC + rows, mask=row_mask[:, None], other=0.0)
+            for start_n in range(key_start, key_end, BLOCK_N):
+                dq = _dq_step(dq, q, do, lse, delta, K, V, b, h_kv, start_n, row_mask, last_key, qk_scale,
+                              HEAD_DIM, BLOCK_N, PRECISION)
+            tl.store(DQ_ACC + rows, dq, mask=row_mask[:, None])
+            tl.debug_barrier()
+    for start_m in range(range_start, range_end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+        dq = tl.load(DQ_ACC + rows, mask=offs_m[:, None] < N, other=0.0)
+        tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=offs_m[:, None] < N)
+
+
+@triton.jit
+def _moba_dkdv_gathered(Q, K, V, ROWS, STARTS, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Hq, Hkv, N, GROUP,
+                        BLOCK_SIZE, NUM_BLOCKS, NUM_RANGES, PAIRS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per key tile: for each of its group's query heads, the own block's queries (causally),
+    then every query that chose its block, gathered from the column index into dense tiles, in one loop.
+    dK and dV are summed in registers and written once."""
+    pid_n, bh_kv = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    b, h_kv = bh_kv // Hkv, bh_kv % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_rows = (bh_kv * N + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    k = tl.load(K + kv_rows, mask=offs_n[:, None] < N, other=0.0)
+    v = tl.load(V + kv_rows, mask=offs_n[:, None] < N, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    block = start_n // BLOCK_SIZE
+    own_start = (start_n // BLOCK_M) * BLOCK_M  # the first query tile that sees these keys
+    own_end = tl.minimum((block + 1) * BLOCK_SIZE, N)
+    own_tiles = tl.cdiv(own_end - own_start, BLOCK_M)
+    for g in range(0, GROUP):
+        bh = b * Hq + h_kv * GROUP + g
+        if block < NUM_BLOCKS:  # a complete block: later queries may have chosen it
+            lo, hi = _segment(STARTS, bh, block, 0, NUM_RANGES, NUM_BLOCKS, NUM_RANGES)
+        else:
+            lo, hi = 0, 0
+        for i in range(0, own_tiles + tl.cdiv(hi - lo, BLOCK_M)):
+            own_block = i < own_tiles
+            first = tl.where(own_block, own_start + i * BLOCK_M, lo + (i - own_tiles) * BLOCK_M)
+            index = first + tl.arange(0, BLOCK_M)
+            row_mask = index < tl.where(own_block, own_end, hi)
+            offs_m = tl.where(own_block, index, tl.load(ROWS + bh * PAIRS + index, mask=row_mask, other=0))
+            dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, offs_m, row_mask,
+                                tl.where(own_block, offs_m, N), N, qk_scale, HEAD_DIM, PRECISION)
+    tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
+    tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Launchers and the autograd Function
 
 
@@ -328,45 +514,103 @@ def _tile_chose(chosen: torch.Tensor, block_m: int, num_blocks: int) -> torch.Te
     return hits[..., 1:].contiguous()
 
 
-def _tiles(kernel: str, block_size: int, dtype: torch.dtype) -> tuple[int, int, dict]:
+def column_index(chosen: torch.Tensor, num_blocks: int, range_rows: int,
+                 max_pairs: int = 1 << 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate's choice (B, Hq, N, K) int32 (-1 = none) turned around, on the device without a host sync:
+    rows (B * Hq, N * K) int32 holds, per head, the queries that chose block 0 in ascending order, then
+    block 1, ..., then the -1 slots' queries; starts (B * Hq, num_blocks, N / range_rows + 1) int32:
+    starts[bh, j, r] is where block j's queries from r * range_rows on begin in rows[bh], and
+    starts[bh, j, -1] where its column ends. A stable sort per head, heads in batches of at most max_pairs
+    (query, slot) pairs: about 30 bytes of temporaries per pair."""
+    B, Hq, N, K = chosen.shape
+    columns, ranges = max(num_blocks, 1), triton.cdiv(N, range_rows)
+    device = chosen.device
+    rows = torch.empty((B * Hq, N * K), device=device, dtype=torch.int32)
+    starts = torch.empty((B * Hq, columns, ranges + 1), device=device, dtype=torch.int32)
+    range_starts = (torch.arange(ranges + 1, device=device) * range_rows).clamp(max=N)
+    bounds = (torch.arange(columns, device=device)[:, None] * N + range_starts[None, :]).view(1, -1)
+    key_dtype = torch.int16 if columns < 2**15 - 1 else torch.int32  # fewer radix passes
+    flat = chosen.view(B * Hq, N * K)
+    step = max(1, max_pairs // (N * K))
+    for lo in range(0, B * Hq, step):
+        part = flat[lo:lo + step]
+        key = torch.where(part < 0, columns, part).to(key_dtype)  # no choice sorts after every block
+        block, order = torch.sort(key, dim=-1, stable=True)  # stable: queries ascend within a block
+        query = torch.div(order, K, rounding_mode="floor")
+        rows[lo:lo + step] = query
+        position = torch.searchsorted(block.long() * N + query, bounds.expand(part.shape[0], -1).contiguous())
+        starts[lo:lo + step] = position.view(-1, columns, ranges + 1)
+    return rows, starts
+
+
+def _range_rows(block_size: int) -> int:
+    """Queries one gathered program owns: whole MoBA blocks, about GATHER_RANGE_ROWS of them."""
+    return block_size * max(1, GATHER_RANGE_ROWS // block_size)
+
+
+def _tiles(order: str, kernel: str, block_size: int, dtype: torch.dtype) -> tuple[int, int, dict]:
     """(BLOCK_M, BLOCK_N, launch options) of one kernel: TILES (FP32_TILES for fp32 inputs), each side cut to
     the largest power of two dividing block_size, so that no tile straddles a MoBA block."""
-    rows, keys, num_warps, num_stages = (FP32_TILES if dtype == torch.float32 else TILES)[kernel]
+    rows, keys, num_warps, num_stages = (FP32_TILES if dtype == torch.float32 else TILES[order])[kernel]
     return (math.gcd(rows, block_size), math.gcd(keys, block_size),
             dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _forward(q, k, v, chosen, block_size, sm_scale):
+def _forward(q, k, v, index, block_size, range_rows, sm_scale, order):
     B, Hq, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
-    block_m, block_n, launch = _tiles("forward", block_size, q.dtype)
+    block_m, block_n, launch = _tiles(order, "forward", block_size, q.dtype)
+    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), **launch)
     kv = _key_tiles(k, block_n), _key_tiles(v, block_n)
-    _moba_fwd[(triton.cdiv(N, block_m), B * Hq)](q, *kv, chosen, o, lse, sm_scale * LOG2E, Hq, N, Hq // k.shape[1],
-                                                 block_size, HEAD_DIM=D, TOPK_PAD=chosen.shape[-1], BLOCK_M=block_m,
-                                                 BLOCK_N=block_n, PRECISION=_precision(q), **launch)
+    if order == "tile":
+        (chosen,) = index
+        _moba_fwd[(triton.cdiv(N, block_m), B * Hq)](q, *kv, chosen, o, lse, sm_scale * LOG2E, Hq, N,
+                                                     Hq // k.shape[1], block_size, TOPK_PAD=chosen.shape[-1],
+                                                     **common)
+        return o, lse
+    rows, starts = index
+    acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)  # the running softmax state
+    m = torch.full((B, Hq, N), float("-inf"), device=q.device, dtype=torch.float32)
+    l = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
+    ranges = starts.shape[2] - 1
+    _moba_fwd_gathered[(ranges, B * Hq)](q, *kv, rows, starts, acc, m, l, o, lse, sm_scale * LOG2E, Hq, N,
+                                         Hq // k.shape[1], block_size, starts.shape[1], ranges,
+                                         range_rows, rows.shape[1], **common)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, chosen, block_size, sm_scale):
+def _backward(do, q, k, v, o, lse, index, block_size, range_rows, sm_scale, order):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     delta = (do.float() * o.float()).sum(-1)  # (B, Hq, N)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scales = (sm_scale * LOG2E, sm_scale)
-    dq_m, dq_n, dq_launch = _tiles("dq", block_size, q.dtype)
+    dq_m, dq_n, dq_launch = _tiles(order, "dq", block_size, q.dtype)
+    dq_common = dict(HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=_precision(q), **dq_launch)
     kv = _key_tiles(k, dq_n), _key_tiles(v, dq_n)
-    _moba_dq[(triton.cdiv(N, dq_m), B * Hq)](q, *kv, chosen, do, lse, delta, dq, *scales, Hq, N, Hq // Hkv,
-                                             block_size, HEAD_DIM=D, TOPK_PAD=chosen.shape[-1], BLOCK_M=dq_m,
-                                             BLOCK_N=dq_n, PRECISION=_precision(q), **dq_launch)
-    dkdv_m, dkdv_n, dkdv_launch = _tiles("dkdv", block_size, q.dtype)
-    num_blocks = triton.cdiv(N, block_size)
-    tile_chose = _tile_chose(chosen, dkdv_m, num_blocks)
-    _moba_dkdv[(triton.cdiv(N, dkdv_n), B * Hkv)](q, k, v, chosen, tile_chose, do, lse, delta, dk, dv, *scales,
-                                                  Hq, Hkv, N, Hq // Hkv, block_size, tile_chose.shape[2],
-                                                  num_blocks, HEAD_DIM=D, TOPK_PAD=chosen.shape[-1],
-                                                  BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=_precision(q),
-                                                  **dkdv_launch)
+    dkdv_m, dkdv_n, dkdv_launch = _tiles(order, "dkdv", block_size, q.dtype)
+    dkdv_common = dict(HEAD_DIM=D, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=_precision(q), **dkdv_launch)
+    if order == "tile":
+        (chosen,) = index
+        _moba_dq[(triton.cdiv(N, dq_m), B * Hq)](q, *kv, chosen, do, lse, delta, dq, *scales, Hq, N, Hq // Hkv,
+                                                 block_size, TOPK_PAD=chosen.shape[-1], **dq_common)
+        num_blocks = triton.cdiv(N, block_size)
+        tile_chose = _tile_chose(chosen, dkdv_m, num_blocks)
+        _moba_dkdv[(triton.cdiv(N, dkdv_n), B * Hkv)](q, k, v, chosen, tile_chose, do, lse, delta, dk, dv, *scales,
+                                                      Hq, Hkv, N, Hq // Hkv, block_size, tile_chose.shape[2],
+                                                      num_blocks, TOPK_PAD=chosen.shape[-1], **dkdv_common)
+        return dq, dk, dv
+    rows, starts = index
+    num_blocks, ranges = starts.shape[1], starts.shape[2] - 1
+    dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
+    _moba_dq_gathered[(ranges, B * Hq)](q, *kv, rows, starts, do, lse, delta, dq_acc, dq, *scales, Hq, N,
+                                        Hq // Hkv, block_size, num_blocks, ranges, range_rows, rows.shape[1],
+                                        **dq_common)
+    del dq_acc
+    _moba_dkdv_gathered[(triton.cdiv(N, dkdv_n), B * Hkv)](q, k, v, rows, starts, do, lse, delta, dk, dv, *scales,
+                                                           Hq, Hkv, N, Hq // Hkv, block_size, N // block_size,
+                                                           ranges, rows.shape[1], **dkdv_common)
     return dq, dk, dv
 
 
@@ -375,18 +619,23 @@ class MoBAAttention(torch.autograd.Function):
     MoBA); dq, dk, dv come back in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chosen, block_size, sm_scale):
-        q, k, v, chosen = q.contiguous(), k.contiguous(), v.contiguous(), _padded(chosen)
-        o, lse = _forward(q, k, v, chosen, block_size, sm_scale)
-        ctx.save_for_backward(q, k, v, o, lse, chosen)
-        ctx.args = block_size, sm_scale
+    def forward(ctx, q, k, v, chosen, block_size, sm_scale, order):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        range_rows = _range_rows(block_size)  # fixed here: the backward must cut the index the same way
+        if order == "tile":
+            index = (_padded(chosen),)
+        else:
+            index = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
+        o, lse = _forward(q, k, v, index, block_size, range_rows, sm_scale, order)
+        ctx.save_for_backward(q, k, v, o, lse, *index)
+        ctx.args = block_size, range_rows, sm_scale, order
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, chosen = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, chosen, *ctx.args)
-        return dq, dk, dv, None, None, None
+        q, k, v, o, lse, *index = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, index, *ctx.args)
+        return dq, dk, dv, None, None, None, None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -403,16 +652,20 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int)
 
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
-                   chosen: torch.Tensor | None = None, sm_scale: float | None = None) -> torch.Tensor:
+                   chosen: torch.Tensor | None = None, sm_scale: float | None = None,
+                   order: str = "gather") -> torch.Tensor:
     """MoBA attention for q (B, Hq, N, D), k/v (B, Hkv, N, D) -> (B, Hq, N, D) in q's dtype. `chosen`
     (B, Hq, N, K) overrides the gate (tests feed the reference's choice to both paths): distinct past
-    complete blocks per query, -1 for none, as the gate gives."""
+    complete blocks per query, -1 for none, as the gate gives. `order` is "gather" (collect and densify)
+    or "tile" (per query tile over the union of its choices); see the module doc."""
     if not supports(q, k, v, block_size):
         raise ValueError(f"moba_attention: unsupported q {tuple(q.shape)} {q.dtype} {q.device}, k {tuple(k.shape)}, "
                          f"block_size {block_size}; expected (B, Hq, N, D) / (B, Hkv, N, D), D in {HEAD_DIMS}, "
                          "block_size a multiple of 16, check supports()")
+    if order not in ORDERS:
+        raise ValueError(f"moba_attention: order {order!r}; expected one of {ORDERS}")
     if chosen is None:
         with torch.no_grad():
             chosen = select_blocks(q.contiguous(), k.contiguous(), block_size, top_k)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return MoBAAttention.apply(q, k, v, chosen, block_size, scale)
+    return MoBAAttention.apply(q, k, v, chosen, block_size, scale, order)

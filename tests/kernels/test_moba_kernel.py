@@ -1,9 +1,9 @@
 """kernels/moba.py against dist_moe.model.moba's dense-masked reference in float64.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny fp32/fp16 shapes (ragged N, GQA, blocks of one
-and two tiles, top_k padded to a power of two); with CUDA a wider grid runs, bf16 included. The attention
-tests feed both sides the reference gate's choice, so a near-tie in the gate cannot flip a block; the gate
-is compared on its own.
+and two tiles, top_k padded to a power of two); with CUDA a wider grid runs, bf16 included. Both orders
+(gather, tile) run every case. The attention tests feed both sides the reference gate's choice, so a
+near-tie in the gate cannot flip a block; the gate and the column index are compared on their own.
 """
 
 import pytest
@@ -44,8 +44,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype, what: str):
     assert rms < TOLERANCE[dtype] and worst < 10 * TOLERANCE[dtype], f"{what}: rms {rms:.2e}, max {worst:.2e}"
 
 
-def _check_against_reference(q, k, v, block_size, chosen, dtype):
-    out = kernel.moba_attention(q, k, v, block_size, chosen.shape[-1], chosen=chosen)
+def _check_against_reference(q, k, v, block_size, chosen, order, dtype):
+    out = kernel.moba_attention(q, k, v, block_size, chosen.shape[-1], chosen=chosen, order=order)
     do = torch.randn_like(out)
     out.backward(do)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -56,23 +56,46 @@ def _check_against_reference(q, k, v, block_size, chosen, dtype):
         _close(got, want, dtype, name)
 
 
+@pytest.mark.parametrize("order", kernel.ORDERS)
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
-def test_moba_forward_and_grads_equal_dense_masked_reference(B, Hq, Hkv, N, D, block_size, top_k, dtype):
+def test_moba_forward_and_grads_equal_dense_masked_reference(B, Hq, Hkv, N, D, block_size, top_k, dtype, order):
     q, k, v = _inputs(B, Hq, Hkv, N, D, dtype)
     chosen = select_blocks(q.detach(), k.detach(), block_size, top_k)
     assert (chosen >= 0).any(), "the case must exercise past blocks"
-    _check_against_reference(q, k, v, block_size, chosen, dtype)
+    _check_against_reference(q, k, v, block_size, chosen, order, dtype)
 
 
-def test_moba_adversarial_choices_equal_reference():
-    """Every query that can chooses block 0 and block 2; blocks 1, 3, 4, ... are chosen by nobody (the tiles
-    skip them, and the dK/dV of block 0 sums every later query tile), the last block ragged."""
+@pytest.mark.parametrize("order", kernel.ORDERS)
+def test_moba_adversarial_choices_equal_reference(order, monkeypatch):
+    """Every query that can chooses block 0 (one column holds them all) and block 2; blocks 1, 3, 4, ... are
+    chosen by nobody. Ranges of three blocks, the last one ragged, so a range walks several blocks."""
+    monkeypatch.setattr(kernel, "GATHER_RANGE_ROWS", 48)
     B, Hq, Hkv, N, D, block_size = 1, 2, 1, 100, 16, 16
     q, k, v = _inputs(B, Hq, Hkv, N, D, F32, seed=3)
     own = (torch.arange(N) // block_size)[:, None]
     chosen = torch.tensor([0, 2]).expand(N, 2).masked_fill(torch.tensor([0, 2]) >= own, -1)
     chosen = chosen.expand(B, Hq, N, 2).to(DEVICE)
-    _check_against_reference(q, k, v, block_size, chosen, F32)
+    _check_against_reference(q, k, v, block_size, chosen, order, F32)
+
+
+def test_column_index_lists_each_blocks_queries_in_order():
+    g = torch.Generator().manual_seed(4)
+    B, Hq, N, K, block_size, range_rows = 2, 3, 50, 3, 8, 16
+    num_blocks = N // block_size
+    own = torch.arange(N)[:, None] // block_size
+    scores = torch.rand(B, Hq, N, num_blocks, generator=g).masked_fill(torch.arange(num_blocks) >= own, -1)
+    best, chosen = scores.topk(K, dim=-1)  # distinct past blocks, -1 where fewer exist, as the gate gives
+    chosen = chosen.masked_fill(best < 0, -1).to(torch.int32)
+    rows, starts = kernel.column_index(chosen.to(DEVICE), num_blocks, range_rows, max_pairs=N * K * 2)
+    rows, starts = rows.cpu(), starts.cpu()
+    assert starts.shape == (B * Hq, num_blocks, 4 + 1)
+    for bh in range(B * Hq):
+        picks = chosen.view(B * Hq, N, K)[bh]
+        for j in range(num_blocks):
+            for r in range(4):
+                want = [i for i in range(r * range_rows, min((r + 1) * range_rows, N)) if (picks[i] == j).any()]
+                got = rows[bh, starts[bh, j, r]:starts[bh, j, r + 1]].tolist()
+                assert got == want, (bh, j, r)
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
