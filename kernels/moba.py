@@ -70,6 +70,8 @@ if _INTERPRET:  # small tiles, rows and keys unequal both ways, so that tests re
 # Queries one program of the gathered order owns (rounded to whole MoBA blocks): enough that a key block
 # gathers a tile of them at 1/16 density, few enough that their fp32 state stays near L2.
 GATHER_RANGE_ROWS = 32 if _INTERPRET else 512
+# The gate's method (select_blocks): "kernel" (running top-k in registers) or "topk" (chunked scores + torch.topk).
+GATE_METHOD = "kernel"
 
 
 def _gate_tile(block_size: int) -> int:
@@ -470,9 +472,12 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs in full precision
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
+def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
+                  method: str | None = None) -> torch.Tensor:
     """The gate: (B, Hq, N, next_power_of_2(top_k)) int32 block indices, -1 padded, in no particular order;
-    the same blocks as model.moba.select_blocks (up to ties)."""
+    the same blocks as model.moba.select_blocks (up to ties). `method` "kernel" keeps a running top-k in
+    registers (`_gate`: no score matrix, but top_k reductions per chunk of 64 blocks); "topk" writes the
+    scores of a chunk of queries (about 1 GiB) and takes torch.topk. Default: GATE_METHOD."""
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     num_blocks = N // block_size
@@ -480,11 +485,35 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int)
     if num_blocks:
         _block_means[(num_blocks, B * Hkv)](k, means, N, num_blocks, block_size, HEAD_DIM=D, ROWS=16)
     topk_pad = triton.next_power_of_2(top_k)
+    if (method or GATE_METHOD) == "topk":
+        return _gate_by_topk(q, means, block_size, top_k, topk_pad)
     chosen = torch.empty((B, Hq, N, topk_pad), device=q.device, dtype=torch.int32)
     tile = _gate_tile(block_size)
     _gate[(triton.cdiv(N, tile), B * Hq)](q, means, chosen, Hq, N, max(num_blocks, 1), Hq // Hkv, block_size,
                                           HEAD_DIM=D, TOPK=top_k, TOPK_PAD=topk_pad, BLOCK_M=tile,
                                           BLOCK_B=16 if _INTERPRET else 64)
+    return chosen
+
+
+def _gate_by_topk(q: torch.Tensor, means: torch.Tensor, block_size: int, top_k: int, topk_pad: int,
+                  chunk_elements: int = 1 << 28) -> torch.Tensor:
+    """The gate as fp32 scores and torch.topk, a chunk of queries at a time (about chunk_elements scores, each
+    chunk scored against the blocks its last query can see)."""
+    B, Hq, N, D = q.shape
+    Hkv, num_blocks = means.shape[1], N // block_size
+    chosen = torch.full((B, Hq, N, topk_pad), -1, device=q.device, dtype=torch.int32)
+    group = Hq // Hkv
+    chunk = max(block_size, chunk_elements // max(1, B * Hq * num_blocks) // block_size * block_size)
+    for start in range(block_size, N, chunk):  # queries of block 0 have no past block
+        end = min(N, start + chunk)
+        seen = min(num_blocks, (end - 1) // block_size)  # blocks before the chunk's last query's own
+        kept = min(top_k, seen)
+        scores = q[:, :, start:end].float().view(B, Hkv, group, end - start, D) @ \
+            means[:, :, None, :seen].transpose(-1, -2)  # (B, Hkv, group, C, seen)
+        own = torch.arange(start, end, device=q.device) // block_size
+        scores.masked_fill_(torch.arange(seen, device=q.device)[None, :] >= own[:, None], float("-inf"))
+        best, index = scores.topk(kept, dim=-1)
+        chosen[:, :, start:end, :kept] = index.masked_fill(best == float("-inf"), -1).view(B, Hq, end - start, kept)
     return chosen
 
 

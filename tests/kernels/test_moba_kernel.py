@@ -98,13 +98,23 @@ def test_column_index_lists_each_blocks_queries_in_order():
                 assert got == want, (bh, j, r)
 
 
+@pytest.mark.parametrize("method", ("kernel", "topk"))
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
-def test_moba_gate_picks_the_reference_blocks(B, Hq, Hkv, N, D, block_size, top_k, dtype):
+def test_moba_gate_picks_the_reference_blocks(B, Hq, Hkv, N, D, block_size, top_k, dtype, method):
     q, k, _ = (x.detach() for x in _inputs(B, Hq, Hkv, N, D, dtype, seed=1))
     want = select_blocks(q.double(), k.double(), block_size, top_k).sort(-1).values
-    got = kernel.select_blocks(q, k, block_size, top_k)[..., :top_k].long().sort(-1).values
+    got = kernel.select_blocks(q, k, block_size, top_k, method=method)[..., :top_k].long().sort(-1).values
     agree = (got == want).all(-1).float().mean().item()
     assert agree >= (1.0 if dtype == F32 else 0.99), f"{1 - agree:.2%} of queries chose other blocks"
+
+
+def test_moba_gate_by_topk_in_small_chunks_equals_one_chunk():
+    """Chunks of one block of queries each (the chunk bound at its smallest) pick what one chunk picks."""
+    q, k, _ = (x.detach() for x in _inputs(2, 4, 2, 150, 16, F32, seed=5))
+    means = k[:, :, :144].reshape(2, 2, 9, 16, 16).mean(3)
+    whole = kernel._gate_by_topk(q, means, 16, 3, 4)
+    assert torch.equal(kernel._gate_by_topk(q, means, 16, 3, 4, chunk_elements=1), whole)
+    assert (whole[:, :, :16] == -1).all() and (whole[:, :, 16:32, 1:] == -1).all() and (whole[:, :, 64:, :3] >= 0).all()
 
 
 def test_moba_attention_without_chosen_runs_the_gate_kernel():
