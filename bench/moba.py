@@ -2,7 +2,7 @@
 mask, a PyTorch MoBA in the original's style (gather the chosen blocks, then SDPA) and our dense causal flash
 kernel, in one process on the same bf16 inputs. B*N = 128K tokens, Hq = 32, Hkv = 8, D = 128.
 
-    python bench/moba.py [--shapes all|quick|512k] [--out-dir bench/results]
+    python bench/moba.py [--shapes all|quick|long|512k|N:block,...] [--impls SUBSTRING,...] [--out-dir bench/results]
 
 FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair per head, backward 2.5x):
 - dense causal: 4*B*Hq*D * N^2/2. At N = 128K (B=1): 4*32*128 * 8.6e9 = 1.41e14 forward.
@@ -55,6 +55,7 @@ TOKENS, HQ, HKV, D = 128 * 1024, 32, 8, 128
 SHAPES = {  # (N, block_size): top_k = N / (16 * block_size), at least 1
     "all": [(n, bs) for n in (8192, 32768, 131072) for bs in (128, 512)],
     "quick": [(8192, 128)],
+    "long": [(n, bs) for n in (32768, 131072) for bs in (128, 512)],  # the shapes the speed targets name
     "512k": [(524288, 128)],  # the memory target: ours alone (dense flash alone would take minutes there)
 }
 
@@ -173,7 +174,24 @@ def tile_coverage(chosen: torch.Tensor, block_size: int) -> float:
     return (hits.sum() / (past.sum() * hits.shape[0] * hits.shape[1])).item()
 
 
-def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
+def time_step(step, grads: tuple[torch.Tensor, ...] = (), slow_ms: float = 1000.0) -> tuple[float, str]:
+    """(ms, how): do_bench's median, or one timed run after one warm-up when a step takes longer than
+    slow_ms (do_bench would run a multi-second step a dozen times)."""
+    step()  # compiles (Triton, torch.compile) outside the timing
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for x in grads:
+        x.grad = None
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    if start.elapsed_time(end) > slow_ms:
+        return start.elapsed_time(end), "one run"
+    return triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=list(grads) or None,
+                                   return_mode="median"), "median"
+
+
+def bench_shape(N: int, block_size: int, impls: list[str], dtype=torch.bfloat16, device="cuda"):
     B, top_k = max(1, TOKENS // N), max(1, N // (16 * block_size))
     torch.manual_seed(0)
     q = torch.randn(B, HQ, N, D, device=device, dtype=dtype, requires_grad=True)
@@ -182,18 +200,20 @@ def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
     do = torch.randn(B, HQ, N, D, device=device, dtype=dtype)
     with torch.no_grad():
         chosen = moba_kernels.select_blocks(q, k, block_size, top_k)[..., :top_k].contiguous()
-    gate_ms = triton.testing.do_bench(lambda: moba_kernels.select_blocks(q, k, block_size, top_k),
-                                      return_mode="median")
+    gate_ms, gate_topk_ms = (time_step(lambda: moba_kernels.select_blocks(q, k, block_size, top_k, method=method))[0]
+                             for method in ("kernel", "topk"))
     index = lambda: moba_kernels.column_index(chosen, N // block_size, moba_kernels._range_rows(block_size))
     index_ms = triton.testing.do_bench(index, return_mode="median")
     index_gib = sum(x.numel() * x.element_size() for x in index()) / 2**30
     moba_flops = 4 * B * HQ * D * N * (top_k * block_size + block_size / 2)
     common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, dtype=str(dtype)[6:],
-                  gate_ms=gate_ms, index_ms=index_ms, index_gib=index_gib,
+                  gate_ms=gate_ms, gate_topk_ms=gate_topk_ms, index_ms=index_ms, index_gib=index_gib,
                   tile_coverage=tile_coverage(chosen, block_size))
     rows, ours = [], None
     peers = N <= max(n for n, _ in SHAPES["all"])
     for name, fn in implementations(chosen, block_size, top_k, N, peers).items():
+        if impls and not any(part in name for part in impls):
+            continue
         row = dict(impl=name, **common)
         try:
             out = fn(q, k, v)
@@ -203,8 +223,7 @@ def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
             def step():
                 fn(q, k, v).backward(do)
 
-            row["fwd_bwd_ms"] = triton.testing.do_bench(step, warmup=25, rep=200, grad_to_none=[q, k, v],
-                                                        return_mode="median")
+            row["fwd_bwd_ms"], row["timing"] = time_step(step, (q, k, v))
             row["moba_tflops"] = 3.5 * moba_flops / row["fwd_bwd_ms"] * 1e-9  # fwd + 2.5x bwd, MoBA's FLOPs
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         except Exception as e:  # an implementation that runs out of memory or refuses is reported, not fatal
@@ -219,34 +238,54 @@ def bench_shape(N: int, block_size: int, dtype=torch.bfloat16, device="cuda"):
 def markdown(rows, meta) -> str:
     lines = [f"# MoBA benchmark, {meta['date']}", "",
              f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, Hq={HQ}, Hkv={HKV}, D={D}, "
-             f"B*N={TOKENS}; forward+backward, median of do_bench. Speedup = that impl's time / ours.", "",
+             f"B*N={TOKENS}; forward+backward, median of do_bench (a step over 1 s: one timed run, marked *). "
+             "Speedup = that impl's time / ours.", "",
              f"Command: `{meta['command']}`", "",
-             "| N | block | top_k | gate ms | index ms | index GiB | tile coverage | impl | fwd+bwd ms | MoBA TFLOP/s "
+             "| N | block | top_k | gate ms (kernel / topk) | index ms | index GiB | tile coverage | impl | fwd+bwd ms | MoBA TFLOP/s "
              "| ours faster by |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["N"], r["block_size"]): r for r in rows if r["impl"].endswith("(ours)") and "fwd_bwd_ms" in r}
     for r in rows:
-        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} | {r['index_ms']:.2f} | "
+        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} / {r['gate_topk_ms']:.2f} | "
+                f"{r['index_ms']:.2f} | "
                 f"{r['index_gib']:.2f} | {r['tile_coverage']:.2f} | {r['impl']} |")
         if "error" in r:
             lines.append(f"{head} error: {r['error'][:80]} | | |")
             continue
         o = ours.get((r["N"], r["block_size"]))
-        lines.append(f"{head} {r['fwd_bwd_ms']:.2f} | {r['moba_tflops']:.0f} | "
-                     f"{r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x |" if o else f"{head} {r['fwd_bwd_ms']:.2f} | | |")
+        ms = f"{r['fwd_bwd_ms']:.2f}" + ("*" if r["timing"] == "one run" else "")
+        lines.append(f"{head} {ms} | {r['moba_tflops']:.0f} | "
+                     f"{r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x |" if o else f"{head} {ms} | | |")
     return "\n".join(lines) + "\n"
+
+
+def shapes(spec: str) -> list[tuple[int, int]]:
+    """--shapes: a named set or N:block pairs."""
+    if spec in SHAPES:
+        return SHAPES[spec]
+    try:
+        return [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
+    except ValueError:
+        sys.exit(f"bench/moba.py: --shapes {spec!r}: expected one of {sorted(SHAPES)} or N:block pairs like 8192:128")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="all")
+    parser.add_argument("--shapes", default="all", help=f"one of {sorted(SHAPES)}, or N:block pairs, comma-separated "
+                        "(e.g. 8192:128,131072:128)")
+    parser.add_argument("--impls", default="", help="comma-separated substrings of the implementations to run "
+                        "(ours always runs first: the others are compared with it); default all")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
+    todo = shapes(args.shapes)
     if not torch.cuda.is_available():
         sys.exit("bench/moba.py: needs CUDA (a GPU); nothing was measured")
     meta = run_meta()
-    rows = [row for shape in SHAPES[args.shapes] for row in bench_shape(*shape)]
-    write_results(args.out_dir, "moba", meta, rows, markdown(rows, meta))
+    impls = ["(ours)", *args.impls.split(",")] if args.impls else []
+    rows = []
+    for shape in todo:  # results written after each shape: a run cut short keeps what it measured
+        rows += bench_shape(*shape, impls)
+        write_results(args.out_dir, "moba", meta, rows, markdown(rows, meta))
 
 
 if __name__ == "__main__":
