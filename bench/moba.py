@@ -16,16 +16,16 @@ FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair pe
   inputs) a tile of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so this order does
   near-dense work: predicted ~1x dense flash, not 8x. The table reports the measured union ("tile
   coverage": visited (tile, block) pairs / past pairs).
-- bytes, "gather" order (collect and densify, the default): per (query, chosen block) pair, ~3.3 KB forward
-  (the gathered q row, its fp32 softmax state read and written, its share of the block's K/V in half-full
-  tiles; 2.3 KB in full ones), ~3.6 KB for dQ, ~1 KB for dK/dV (kernels/moba.py's docstring has the
-  count): 20-28 FLOP/byte forward, so it is bandwidth-bound unless L2 holds a range's scratch. At
-  N = 128K, block 128 (268M pairs): 620-890 GB forward from HBM in the worst case, 130-185 ms at 4.8 TB/s;
-  44 ms if compute-bound at 400 TFLOP/s; dense flash's forward is ~350 ms there. Its column index (a
-  stable sort of the 268M pairs) is in the timed step and also timed alone ("index ms"), with its size
-  ("index GiB"). Variants of ours: "gathered ranges of 1024 rows" (FlashMoBA's range at this sparsity:
-  fuller tiles, twice the scratch per program), "forward tiles 32x64 w4" (two forward programs per SM),
-  "tile order" (the per-tile kernels).
+- bytes, "gather" order (collect and densify, the candidate default; timed as "ours"): per (query, chosen block)
+  pair, ~3.3 KB forward (the gathered q row, its fp32 softmax state read and written, its share of the block's
+  K/V in half-full tiles; 2.3 KB in full ones), ~3.6 KB for dQ, ~1 KB for dK/dV (kernels/moba.py's docstring has
+  the count): 20-28 FLOP/byte forward, so it is bandwidth-bound unless L2 holds a range's scratch. At N = 128K,
+  block 128 (268M pairs): 620-890 GB forward from HBM in the worst case, 130-185 ms at 4.8 TB/s; 44 ms if
+  compute-bound at 400 TFLOP/s; dense flash's forward is ~350 ms there. Its column index (a stable sort of the
+  268M pairs) is in the timed step and also timed alone ("index ms"), with its size ("index GiB"). Variants of
+  ours: "gathered ranges of 1024 rows" (FlashMoBA's range at this sparsity: fuller tiles, twice the scratch per
+  program), "forward tiles 32x64 w4" (two forward programs per SM), "tile order" (the per-tile kernels,
+  kernels/moba.py's default until the gathered order wins here).
 Every implementation gets the same block choice (our gate's); the timed step is attention forward+backward,
 so neither our gate nor FlexAttention's block-mask build is in it: the gate's own time is a column.
 Targets (issue 27): fwd+bwd >= 1.5x FlexAttention at N >= 32K; >= 8x dense flash at N = 128K, block 128;
@@ -150,7 +150,7 @@ def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, p
     peers, ours alone (past 128K FlexAttention's mask table alone is tens of GB, dense flash takes minutes).
     Two variants of ours try the guesses most likely to be wrong: FlashMoBA's 1024-row ranges, and a
     forward of 32 x 64 tiles on 4 warps (two programs per SM, to hide the gathers' latency)."""
-    first = {"dist_moe moba (ours)": ours(chosen, block_size, top_k)}
+    first = {"dist_moe moba, gathered order (ours)": ours(chosen, block_size, top_k)}
     if not peers:
         return first
     small_forward = {**moba_kernels.TILES, "gather": {**moba_kernels.TILES["gather"], "forward": (32, 64, 4, 2)}}
@@ -158,7 +158,7 @@ def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, p
         **first,
         "dist_moe moba, gathered ranges of 1024 rows": ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024),
         "dist_moe moba, forward tiles 32x64 w4": ours(chosen, block_size, top_k, TILES=small_forward),
-        "dist_moe moba, tile order": ours(chosen, block_size, top_k, order="tile"),
+        "dist_moe moba, tile order (the default)": ours(chosen, block_size, top_k, order="tile"),
         "FlexAttention, MoBA mask": flex_moba(chosen, block_size, N),
         "PyTorch MoBA (gather + SDPA)": pytorch_moba(chosen, block_size),
         "dist_moe flash_attention, dense causal": lambda q, k, v: flash_attention(q, k, v, causal=True),
@@ -241,8 +241,8 @@ def markdown(rows, meta) -> str:
              f"B*N={TOKENS}; forward+backward, median of do_bench (a step over 1 s: one timed run, marked *). "
              "Speedup = that impl's time / ours.", "",
              f"Command: `{meta['command']}`", "",
-             "| N | block | top_k | gate ms (kernel / topk) | index ms | index GiB | tile coverage | impl | fwd+bwd ms | MoBA TFLOP/s "
-             "| ours faster by |",
+             "| N | block | top_k | gate ms (kernel / topk) | index ms | index GiB | tile coverage | impl | fwd+bwd ms "
+             "| MoBA TFLOP/s | ours faster by |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     ours = {(r["N"], r["block_size"]): r for r in rows if r["impl"].endswith("(ours)") and "fwd_bwd_ms" in r}
     for r in rows:

@@ -9,7 +9,10 @@ Fp32 accumulation throughout; 16-bit operands go to the tensor cores as they are
 Gate: `_block_means` averages each complete key block; `_gate` scores a tile of queries against all past
 blocks, chunk by chunk, keeping a running top-k per query in registers (no (N, N / block) score matrix).
 
-Attention, two orders (`order=`; "gather" is the default until bench/moba.py's GPU numbers say otherwise):
+Attention, two orders (`order=`, default ORDER). "tile" is the default: it passed on an H200. "gather" has
+passed under the interpreter and its sm_90 IR was read with the H200's Triton 3.6, but it has not run on a GPU
+since its fix (bench/results/experiments/moba_gathered_order.md); it becomes the default if bench/moba.py
+shows it right and faster there.
 - "gather", FlashMoBA's collect and densify: the work scales with the (query, chosen block) pairs.
   `column_index` turns the choice around on the device (a stable sort per head: for each key block the
   queries that chose it, ascending, cut at range boundaries). `_moba_fwd_gathered`: a program owns a range
@@ -56,6 +59,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 ORDERS = ("gather", "tile")
+ORDER = "tile"  # moba_attention's default order (module doc)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # (query rows, keys, num_warps, num_stages) per order and kernel, guessed for 16-bit inputs on an H200:
 # compiled for sm_90 (triton 3.9) the gathered kernels fit these in registers without spilling, and 64-row
@@ -682,11 +686,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int)
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
                    chosen: torch.Tensor | None = None, sm_scale: float | None = None,
-                   order: str = "gather") -> torch.Tensor:
+                   order: str | None = None) -> torch.Tensor:
     """MoBA attention for q (B, Hq, N, D), k/v (B, Hkv, N, D) -> (B, Hq, N, D) in q's dtype. `chosen`
     (B, Hq, N, K) overrides the gate (tests feed the reference's choice to both paths): distinct past
     complete blocks per query, -1 for none, as the gate gives. `order` is "gather" (collect and densify)
-    or "tile" (per query tile over the union of its choices); see the module doc."""
+    or "tile" (per query tile over the union of its choices), ORDER when None; see the module doc."""
+    order = order or ORDER
     if not supports(q, k, v, block_size):
         raise ValueError(f"moba_attention: unsupported q {tuple(q.shape)} {q.dtype} {q.device}, k {tuple(k.shape)}, "
                          f"block_size {block_size}; expected (B, Hq, N, D) / (B, Hkv, N, D), D in {HEAD_DIMS}, "
