@@ -2,7 +2,8 @@
 mask, a PyTorch MoBA in the original's style (gather the chosen blocks, then SDPA) and our dense causal flash
 kernel, in one process on the same bf16 inputs. B*N = 128K tokens, Hq = 32, Hkv = 8, D = 128.
 
-    python bench/moba.py [--shapes all|quick|long|512k|N:block,...] [--impls SUBSTRING,...] [--out-dir bench/results]
+    python bench/moba.py [--shapes all|quick|long|512k|N:block,...] [--impls SUBSTRING,...]
+                         [--out-dir bench/results]
 
 FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair per head, backward 2.5x):
 - dense causal: 4*B*Hq*D * N^2/2. At N = 128K (B=1): 4*32*128 * 8.6e9 = 1.41e14 forward.
@@ -203,7 +204,7 @@ def bench_shape(N: int, block_size: int, impls: list[str], dtype=torch.bfloat16,
     gate_ms, gate_topk_ms = (time_step(lambda: moba_kernels.select_blocks(q, k, block_size, top_k, method=method))[0]
                              for method in ("kernel", "topk"))
     index = lambda: moba_kernels.column_index(chosen, N // block_size, moba_kernels._range_rows(block_size))
-    index_ms = triton.testing.do_bench(index, return_mode="median")
+    index_ms = time_step(index)[0]
     index_gib = sum(x.numel() * x.element_size() for x in index()) / 2**30
     moba_flops = 4 * B * HQ * D * N * (top_k * block_size + block_size / 2)
     common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, dtype=str(dtype)[6:],
@@ -247,8 +248,7 @@ def markdown(rows, meta) -> str:
     ours = {(r["N"], r["block_size"]): r for r in rows if r["impl"].endswith("(ours)") and "fwd_bwd_ms" in r}
     for r in rows:
         head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} / {r['gate_topk_ms']:.2f} | "
-                f"{r['index_ms']:.2f} | "
-                f"{r['index_gib']:.2f} | {r['tile_coverage']:.2f} | {r['impl']} |")
+                f"{r['index_ms']:.2f} | {r['index_gib']:.2f} | {r['tile_coverage']:.2f} | {r['impl']} |")
         if "error" in r:
             lines.append(f"{head} error: {r['error'][:80]} | | |")
             continue
@@ -264,9 +264,12 @@ def shapes(spec: str) -> list[tuple[int, int]]:
     if spec in SHAPES:
         return SHAPES[spec]
     try:
-        return [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
+        pairs = [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
     except ValueError:
+        pairs = []
+    if not pairs or any(len(pair) != 2 for pair in pairs):
         sys.exit(f"bench/moba.py: --shapes {spec!r}: expected one of {sorted(SHAPES)} or N:block pairs like 8192:128")
+    return pairs
 
 
 def main():
