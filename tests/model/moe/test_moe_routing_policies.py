@@ -152,6 +152,31 @@ def test_the_references_cover_every_accepted_score_overflow_routing_combination(
     assert {case[0] for case in TOKEN_CHOICE_CASES} == {1, 2, 3}  # k=1, 2 (first choices counted) and k >= 3
 
 
+def earlier_outputs_changed_by_the_last_token(cfg: Config, trials: int = 10) -> int:
+    """Evaluation forwards of one 32-token sequence: how many outputs at positions 0..30 change, summed over
+    `trials` random replacements of the token at position 31 alone (docs/routing.md, capacity and causality)."""
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, None).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 32, 16, dtype=torch.float64, generator=gen)
+    y = layer(x)[0]
+    changed = 0
+    for _ in range(trials):
+        x[0, -1] = torch.randn(16, dtype=torch.float64, generator=gen)
+        changed += int((layer(x)[0][0, :-1] != y[0, :-1]).any(-1).sum())
+    return changed
+
+
+@pytest.mark.parametrize("overrides,causal", [
+    (dict(top_k=2, dropless=True), True), (dict(top_k=1, score="sigmoid", dropless=True), True),
+    (dict(top_k=1), True),  # top-1 by position: the last token's only choice ranks last, it can only drop itself
+    (dict(top_k=2), False), (dict(top_k=1, drop_policy="probs"), False), (dict(top_k=1, overflow="reroute"), False),
+    (dict(top_k=2, routing="expert_choice", balance="none"), False)])
+def test_a_capacity_lets_the_last_token_change_earlier_outputs_and_dropless_does_not(overrides, causal):
+    changed = earlier_outputs_changed_by_the_last_token(config(eval_capacity_factor=1.0, **overrides))
+    assert (changed == 0) == causal, changed
+
+
 def test_expert_choice_depends_only_on_the_rank_s_tokens_and_refuses_generation():
     from dist_moe.model.transformer import Transformer, generate
 
