@@ -153,11 +153,12 @@ def _accept(experts: torch.Tensor, weights: torch.Tensor, room: torch.Tensor, dr
 
 
 def reroute(indices: torch.Tensor, scores: torch.Tensor, selection: torch.Tensor, capacity: int, tries: int,
-            drop_policy: str = "position", score: str = "softmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            drop_policy: str = "position", *, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move assignments over capacity to their token's next-best expert with room -> (indices (T, k),
     weights (T, k) = the router's gate_weights at the new indices, rerouted (T, k) bool). `scores` are the
-    router's raw scores (Gating.scores) and `score` its moe.score. Feed the result to `route`, which then
-    keeps every moved assignment and drops only at the experts that overflowed.
+    router's raw scores (Gating.scores) and `score` its moe.score (keyword only: a default would silently
+    weigh sigmoid scores as probabilities). Feed the result to `route`, which then keeps every moved
+    assignment and drops only at the experts that overflowed.
 
     First the capacity decision of `route`. Then `tries` rounds: each still-overflowing assignment asks,
     in the token's preference order (`selection`, ties to the lower expert id), for the best expert the

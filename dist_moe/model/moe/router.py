@@ -98,6 +98,7 @@ def gate_weights(scores: torch.Tensor, indices: torch.Tensor, score: str) -> tor
     """(T, k) combine weights of the experts `indices` (T, k) from the router's (T, E) `scores`: softmax, the
     probabilities; sigmoid, the k scores normalised to sum 1 (DeepSeek-V3; k=1 gets 1). The one rule for
     chosen and rerouted choices alike, so Gating.scores stay raw for expert choice."""
+    assert score in ("softmax", "sigmoid"), score
     weights = scores.gather(1, indices)
     if score == "sigmoid":
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)

@@ -1,6 +1,7 @@
 """Routing policies (docs/routing.md) against the naive per-token references of moe_reference.py, in float64:
-rerouting on overflow, expert choice, sigmoid scores, the selection bias and its update, the sequence and
-global-batch aux losses, and rsample against DeepSpeed's own gating functions on the same Gumbel noise."""
+every score x overflow x routing combination (rerouting on overflow, expert choice, sigmoid scores), the
+selection bias and its update, the sequence and global-batch aux losses, what capacity does to causality,
+and rsample against DeepSpeed's own gating functions on the same Gumbel noise."""
 
 import itertools
 import math
@@ -42,8 +43,9 @@ def capacity_of(cfg: Config, num_tokens: int) -> int:
 # Every score x overflow x routing combination the config accepts has a float64 reference test below (the last
 # test checks that against config.CHOICES). Token choice: (top_k, drop_policy, normalize_weights, balance, tries,
 # seed); the biased cases (aux_free, both) select with a random selection bias, so selection and scores differ.
-# Seeds 30 and 23: with sigmoid scores and rerouting, some token's gates change when its other choice moves and
-# the final capacity decision at a full expert differs from the first one (see dispatch.reroute).
+# The probs cases' seeds 30 (k=2) and 23 (k=3): with sigmoid scores and rerouting, some token's gates change when
+# its other choice moves, and the final capacity decision at a full expert differs from the first one
+# (see dispatch.reroute).
 TOKEN_CHOICE_CASES = [(1, "position", True, "aux_free", 2, 12), (1, "probs", True, "aux", 1, 11),
                       (2, "position", True, "both", 3, 23), (2, "probs", False, "aux_free", 2, 30),
                       (3, "position", False, "aux", 2, 32), (3, "probs", True, "none", 1, 23)]
