@@ -12,7 +12,7 @@ from deepspeed.moe import sharded_moe
 from moe_reference import (naive_combine, naive_expert_choice, naive_route, naive_scores, naive_switch_loss,
                            naive_token_choice)
 
-from dist_moe.config import CHOICES, Config, ConfigError, load_config
+from dist_moe.config import Config, ConfigError, _choice_keys, load_config
 from dist_moe.model.moe.dispatch import reroute, route
 from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import Router, end_router_step
@@ -41,7 +41,7 @@ def capacity_of(cfg: Config, num_tokens: int) -> int:
 
 
 # Every score x overflow x routing combination the config accepts has a float64 reference test below (the last
-# test checks that against config.CHOICES). Token choice: (top_k, drop_policy, normalize_weights, balance, tries,
+# test checks that against the choices config.validate allows). Token choice: (top_k, drop_policy, normalize_weights, balance, tries,
 # seed); the biased cases (aux_free, both) select with a random selection bias, so selection and scores differ.
 # The probs cases' seeds 30 (k=2) and 23 (k=3): with sigmoid scores and rerouting, some token's gates change when
 # its other choice moves, and the final capacity decision at a full expert differs from the first one
@@ -138,8 +138,9 @@ def test_expert_choice_layer_equals_naive_per_token_reference(score, overflow, c
 def test_the_references_cover_every_accepted_score_overflow_routing_combination():
     """The parametrisations above against what the config accepts (moe.balance=none, which every routing takes):
     a new choice of moe.score, moe.overflow or moe.routing must get its reference case here."""
+    choices = dict(_choice_keys())  # what config.validate allows per key
     accepted = set()
-    for combo in itertools.product(CHOICES["moe.score"], CHOICES["moe.overflow"], CHOICES["moe.routing"]):
+    for combo in itertools.product(choices["moe.score"], choices["moe.overflow"], choices["moe.routing"]):
         overrides = [f"moe.{key}={value}" for key, value in zip(("score", "overflow", "routing"), combo)]
         try:
             load_config(None, overrides + ["moe.balance=none"])
@@ -149,8 +150,8 @@ def test_the_references_cover_every_accepted_score_overflow_routing_combination(
     tested = {(score, overflow, routing) for score in ("softmax", "sigmoid") for overflow in ("drop", "reroute")
               for routing in ("token_choice", "expert_choice")}
     assert accepted == tested
-    assert {case[1] for case in TOKEN_CHOICE_CASES} == set(CHOICES["moe.drop_policy"])
-    assert {case[3] for case in TOKEN_CHOICE_CASES} == set(CHOICES["moe.balance"])
+    assert {case[1] for case in TOKEN_CHOICE_CASES} == set(choices["moe.drop_policy"])
+    assert {case[3] for case in TOKEN_CHOICE_CASES} == set(choices["moe.balance"])
     assert {case[0] for case in TOKEN_CHOICE_CASES} == {1, 2, 3}  # k=1, 2 (first choices counted) and k >= 3
 
 
