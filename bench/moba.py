@@ -1,36 +1,9 @@
-"""MoBA forward+backward time: our Triton kernels (kernels/moba.py) beside FlexAttention with the same block
-mask, a PyTorch MoBA in the original's style (gather the chosen blocks, then SDPA) and our dense causal flash
-kernel, in one process on the same bf16 inputs. B*N = 128K tokens, Hq = 32, Hkv = 8, D = 128.
+"""MoBA forward+backward, end to end (gate + column index + attention) and by stage: our kernels beside
+FlexAttention under the same block mask and our dense causal flash kernel, bf16, B*N = 128K tokens (B = 1 past
+that), Hq = 32, Hkv = 8, D = 128, top_k = N / (16 * block). docs/moba.md holds the cost model and the results.
 
-    python bench/moba.py [--shapes all|quick|long|512k|N:block,...] [--impls SUBSTRING,...]
+    python bench/moba.py [--shapes all|quick|long|512k|N:block[:random|correlated],...] [--impls SUBSTRING,...]
                          [--out-dir bench/results]
-
-FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair per head, backward 2.5x):
-- dense causal: 4*B*Hq*D * N^2/2. At N = 128K (B=1): 4*32*128 * 8.6e9 = 1.41e14 forward.
-- MoBA, top_k = N / (16 * block) past blocks per query plus its own half (causally): keys per query
-  ~ top_k*block + block/2 = N/16 + block/2, so 4*B*Hq*D * N * (N/16 + block/2); at N = 128K, block 128:
-  4*32*128 * 131072 * 8256 = 1.77e13, i.e. 8.0x fewer than dense (1/16 of the keys vs 1/2, plus the own
-  block). The gate adds 2*B*Hq*D * N * (N/block)/2 FLOPs: at block 128, 2*32*128 * 131072 * 512 = 5.5e11
-  (3% of MoBA's forward), plus the running top-k's O(N * N/block * top_k) compares.
-- bytes, "tile" order (kernels/moba.py): per query tile (64 rows) the forward streams K and V of every block
-  any of its rows chose: 2 * union * block * D * 2 bytes. With independent random choices (these random
-  inputs) a tile of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so this order does
-  near-dense work: predicted ~1x dense flash, not 8x. The table reports the measured union ("tile
-  coverage": visited (tile, block) pairs / past pairs).
-- bytes, "gather" order (collect and densify, the candidate default; timed as "ours"): per (query, chosen block)
-  pair, ~3.3 KB forward (the gathered q row, its fp32 softmax state read and written, its share of the block's
-  K/V in half-full tiles; 2.3 KB in full ones), ~3.6 KB for dQ, ~1 KB for dK/dV (kernels/moba.py's docstring has
-  the count): 20-28 FLOP/byte forward, so it is bandwidth-bound unless L2 holds a range's scratch. At N = 128K,
-  block 128 (268M pairs): 620-890 GB forward from HBM in the worst case, 130-185 ms at 4.8 TB/s; 44 ms if
-  compute-bound at 400 TFLOP/s; dense flash's forward is ~350 ms there. Its column index (a stable sort of the
-  268M pairs) is in the timed step and also timed alone ("index ms"), with its size ("index GiB"). Variants of
-  ours: "gathered ranges of 1024 rows" (FlashMoBA's range at this sparsity: fuller tiles, twice the scratch per
-  program), "forward tiles 32x64 w4" (two forward programs per SM), "tile order" (the per-tile kernels,
-  kernels/moba.py's default until the gathered order wins here).
-Every implementation gets the same block choice (our gate's); the timed step is attention forward+backward,
-so neither our gate nor FlexAttention's block-mask build is in it: the gate's own time is a column.
-Targets (issue 27): fwd+bwd >= 1.5x FlexAttention at N >= 32K; >= 8x dense flash at N = 128K, block 128;
-one layer at N = 512K (B = 1) fits on one H200. Needs CUDA; on CPU it stops with a message.
 """
 import argparse
 import json

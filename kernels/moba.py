@@ -424,10 +424,22 @@ def _forward(q, k, v, rows, starts, block_size, range_rows, sm_scale):
     return o, lse
 
 
+def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """(a * b).sum(-1) in fp32, a few heads at a time: upcasting whole (B, Hq, N, D) tensors at once would
+    take 26 GB of temporaries at N = 512K."""
+    B, Hq, N, D = a.shape
+    out = torch.empty((B * Hq, N), device=a.device, dtype=torch.float32)
+    a, b = a.reshape(B * Hq, N, D), b.reshape(B * Hq, N, D)
+    step = max(1, chunk_elements // (N * D))
+    for lo in range(0, B * Hq, step):
+        out[lo:lo + step] = (a[lo:lo + step].float() * b[lo:lo + step].float()).sum(-1)
+    return out.view(B, Hq, N)
+
+
 def _backward(do, q, k, v, o, lse, rows, starts, block_size, range_rows, sm_scale):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    delta = (do.float() * o.float()).sum(-1)  # (B, Hq, N)
+    delta = _row_dots(do, o)  # (B, Hq, N)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scales = (sm_scale * LOG2E, sm_scale)
     num_blocks, ranges = starts.shape[1], starts.shape[2] - 1
@@ -447,14 +459,12 @@ def _backward(do, q, k, v, o, lse, rows, starts, block_size, range_rows, sm_scal
 
 
 class MoBAAttention(torch.autograd.Function):
-    """Autograd wrapper over fixed block choices: the gate is a selection and carries no gradient (as in
-    MoBA); dq, dk, dv come back in the inputs' dtypes."""
+    """Autograd wrapper over fixed block choices, given as their column index: the gate is a selection and
+    carries no gradient (as in MoBA); dq, dk, dv come back in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chosen, block_size, sm_scale):
+    def forward(ctx, q, k, v, rows, starts, block_size, range_rows, sm_scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        range_rows = _range_rows(block_size)  # fixed here: the backward must cut the index the same way
-        rows, starts = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
         o, lse = _forward(q, k, v, rows, starts, block_size, range_rows, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse, rows, starts)
         ctx.args = block_size, range_rows, sm_scale
@@ -464,7 +474,7 @@ class MoBAAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, rows, starts = ctx.saved_tensors
         dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, rows, starts, *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -489,8 +499,11 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
         raise ValueError(f"moba_attention: unsupported q {tuple(q.shape)} {q.dtype} {q.device}, k {tuple(k.shape)}, "
                          f"block_size {block_size}; expected (B, Hq, N, D) / (B, Hkv, N, D), D in {HEAD_DIMS}, "
                          "block_size a multiple of 16, check supports()")
-    if chosen is None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if chosen is None:
             chosen = select_blocks(q.contiguous(), k.contiguous(), block_size, top_k)
+        range_rows = _range_rows(block_size)  # the forward and the backward cut the index the same way
+        rows, starts = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
+    del chosen  # the index replaces it: 17 GB at N = 512K, top_k 256
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return MoBAAttention.apply(q, k, v, chosen, block_size, scale)
+    return MoBAAttention.apply(q, k, v, rows, starts, block_size, range_rows, scale)

@@ -1,8 +1,8 @@
 """kernels/moba.py against dist_moe.model.moba's dense-masked reference in float64.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny fp32/fp16 shapes (ragged N, GQA, blocks of one
-and two tiles, top_k padded to a power of two); with CUDA a wider grid runs, bf16 included. The attention tests feed both sides the reference gate's choice, so a
-near-tie in the gate cannot flip a block; the gate and the column index are compared on their own.
+and two tiles, top_k padded to a power of two); with CUDA a wider grid (ids end in bf16, fp16, fp32). The
+attention tests feed both sides the reference gate's choice, so a near-tie in the gate cannot flip a block.
 """
 
 import pytest
@@ -121,3 +121,10 @@ def test_moba_attention_without_chosen_runs_the_gate_kernel():
     got = kernel.moba_attention(q, k, v, 16, 2)
     want = moba_attention_reference(q.double(), k.double(), v.double(), 16, 2)
     _close(got, want, F32, "out")
+
+
+def test_row_dots_in_chunks_equal_one_product():
+    """The backward's delta = rowsum(dO * O), a head at a time (chunk of one element), equals the float64 sum."""
+    a, b = (torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE, BF16) for s in (6, 7))
+    want = (a.double() * b.double()).sum(-1)
+    torch.testing.assert_close(kernel._row_dots(a, b, chunk_elements=1).double(), want, rtol=1e-5, atol=1e-5)
