@@ -7,6 +7,7 @@ that), Hq = 32, Hkv = 8, D = 128, top_k = N / (16 * block). docs/moba.md holds t
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -133,20 +134,24 @@ def ours(chosen: torch.Tensor | None, block_size: int, top_k: int, **settings):
 
 
 def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, peers: bool = True):
-    """name -> (attention(q, k, v), whether the gate is inside it). The first is ours end to end, the reference
-    the others are compared with. Without peers (past 128K), ours alone."""
-    first = {"ours, end to end": (ours(None, block_size, top_k), True)}
+    """name -> (a function making attention(q, k, v), whether the gate is inside it); each is made only when it
+    runs (FlexAttention's mask is GBs). The first is ours end to end, the reference the others are compared
+    with. Without peers (past 128K), ours alone."""
+    first = {"ours, end to end": (lambda: ours(None, block_size, top_k), True)}
     if not peers:
         return first
     small_forward = {**moba_kernels.TILES, "forward": (32, 64, 4, 2)}
     return {
         **first,
-        "ours, given choice (index + attention)": (ours(chosen, block_size, top_k), False),
-        "ours, given choice, ranges of 1024 rows": (ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024), False),
-        "ours, given choice, forward tiles 32x64 w4": (ours(chosen, block_size, top_k, TILES=small_forward), False),
-        "FlexAttention, MoBA mask (given choice)": (flex_moba(chosen, block_size, N), False),
-        "PyTorch MoBA (gather + SDPA)": (pytorch_moba(chosen, block_size), False),
-        "dist_moe flash_attention, dense causal": (lambda q, k, v: flash_attention(q, k, v, causal=True), True),
+        "ours, given choice (index + attention)": (lambda: ours(chosen, block_size, top_k), False),
+        "ours, given choice, ranges of 1024 rows":
+            (lambda: ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024), False),
+        "ours, given choice, forward tiles 32x64 w4":
+            (lambda: ours(chosen, block_size, top_k, TILES=small_forward), False),
+        "FlexAttention, MoBA mask (given choice)": (lambda: flex_moba(chosen, block_size, N), False),
+        "PyTorch MoBA (gather + SDPA)": (lambda: pytorch_moba(chosen, block_size), False),
+        "dist_moe flash_attention, dense causal": (lambda: lambda q, k, v: flash_attention(q, k, v, causal=True),
+                                                   True),
     }
 
 
@@ -154,10 +159,10 @@ def choice_stats(chosen: torch.Tensor, block_size: int) -> dict:
     """How alike neighbouring queries choose: tile coverage (the union of a 64-query tile's choices over its past
     blocks) and the gathered order's tile fill (pairs / rows of the 64-row tiles it runs, ranges as the
     kernel cuts them)."""
-    N = chosen.shape[2]
+    N, tile = chosen.shape[2], math.gcd(64, block_size)  # a tile inside one MoBA block
     num_blocks = N // block_size
-    hits = tile_chose(chosen, 64, num_blocks).float()
-    own = torch.arange(hits.shape[2], device=hits.device) * 64 // block_size
+    hits = tile_chose(chosen, tile, num_blocks).float()
+    own = torch.arange(hits.shape[2], device=hits.device) * tile // block_size
     past = (torch.arange(num_blocks, device=hits.device)[None, :] < own[:, None]).float()
     rows, starts = moba_kernels.column_index(chosen, num_blocks, moba_kernels._range_rows(block_size))
     counts = starts[..., 1:] - starts[..., :-1]
@@ -238,13 +243,14 @@ def bench_shape(N: int, block_size: int, inputs: str, impls: list[str], dtype=to
     if not peers:  # ours alone: the choice is made inside its step, so this copy would only take memory
         del chosen
         chosen = None
-    for name, (fn, gated) in implementations(chosen, block_size, top_k, N, peers).items():
+    for name, (make, gated) in implementations(chosen, block_size, top_k, N, peers).items():
         if impls and rows and not any(part in name for part in impls):
             continue  # the first (ours end to end) always runs: the others are compared with it
         row = dict(impl=name, **common)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
+            fn = make()
             out = fn(q, k, v)
             first = out.detach().float() if first is None else first
             row["rel_err_vs_first"] = ((out.float() - first).norm() / first.norm()).item()
@@ -275,20 +281,21 @@ def markdown(rows, meta) -> str:
              "faster gate). x = that impl's end to end / the first row's.", "",
              f"Command: `{meta['command']}`", "",
              "| N | block | top_k | inputs | gate ms kernel / topk | index ms | tile coverage | gathered fill "
-             "| impl | fwd+bwd ms | end to end ms | x | peak GiB | MoBA TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| impl | rel err | fwd+bwd ms | end to end ms | x | peak GiB | MoBA TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     first = {}
     for r in rows:
         head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['inputs']} | {r['gate_kernel_ms']:.1f} / "
                 f"{r['gate_topk_ms']:.1f} | {r['index_ms']:.1f} | {r['tile_coverage']:.2f} | "
                 f"{r['gathered_fill']:.2f} | {r['impl']} |")
         if "error" in r:
-            lines.append(f"{head} error: {r['error'][:80]} | | | | |")
+            lines.append(f"{head} error: {r['error'][:80]} | | | | | |")
             continue
         base = first.setdefault((r["N"], r["block_size"], r["inputs"]), r["end_to_end_ms"])
         star = "*" if r["timing"] == "one run" else ""
-        lines.append(f"{head} {r['fwd_bwd_ms']:.1f}{star} | {r['end_to_end_ms']:.1f} | "
-                     f"{r['end_to_end_ms'] / base:.2f}x | {r['peak_gib']:.1f} | {r['moba_tflops']:.0f} |")
+        lines.append(f"{head} {r['rel_err_vs_first']:.1e} | {r['fwd_bwd_ms']:.1f}{star} | "
+                     f"{r['end_to_end_ms']:.1f} | {r['end_to_end_ms'] / base:.2f}x | {r['peak_gib']:.1f} | "
+                     f"{r['moba_tflops']:.0f} |")
     lines += ["", "Ours end to end by stage (profiler, one step, ms):", ""]
     lines += [f"- N {r['N']}, {r['inputs']}, {r['impl']}: {r['profile_ms']}" for r in rows if "profile_ms" in r]
     return "\n".join(lines) + "\n"
