@@ -32,7 +32,7 @@ GATE_METHOD = "topk"
 
 def _gate_tile(block_size: int) -> tuple[int, int]:
     """(query rows, num_warps) of the gate: 32 rows on 8 warps keep the running top-k in registers up to
-    top_k 256 on sm_90 (64 rows on 4 warps spilled 3 KB per thread); 16 rows where the block needs it."""
+    top_k 256 on sm_90 (64 rows on 4 warps spilled); 16 rows where the block needs it."""
     if _INTERPRET:
         return 16, 4
     return (32, 8) if block_size % 32 == 0 else (16, 4)
@@ -426,8 +426,8 @@ def _forward(q, k, v, rows, starts, block_size, range_rows, sm_scale):
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 26) -> torch.Tensor:
-    """(a * b).sum(-1) in fp32, a few heads at a time: upcasting whole (B, Hq, N, D) tensors at once would
-    take 26 GB of temporaries at N = 512K."""
+    """(a * b).sum(-1) in fp32, a few heads at a time: upcasting whole 16-bit (B, Hq, N, D) tensors at once
+    takes six times a's size in temporaries, the backward's peak at long N."""
     B, Hq, N, D = a.shape
     out = torch.empty((B * Hq, N), device=a.device, dtype=torch.float32)
     a, b = a.reshape(B * Hq, N, D), b.reshape(B * Hq, N, D)
@@ -505,6 +505,6 @@ def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size
             chosen = select_blocks(q.contiguous(), k.contiguous(), block_size, top_k)
         range_rows = _range_rows(block_size)  # the forward and the backward cut the index the same way
         rows, starts = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
-    del chosen  # the index replaces it: 17 GB at N = 512K, top_k 256
+    del chosen  # the index replaces it (as large as it): dropped before the forward's scratch is made
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return MoBAAttention.apply(q, k, v, rows, starts, block_size, range_rows, scale)
