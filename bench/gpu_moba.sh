@@ -31,7 +31,7 @@ train() {  # $1: run name, the rest: overrides
   local name=$1; shift
   timeout "${TRAIN_S:-170}" python3 -c "from dist_moe.cli import main; main()" train small \
     data.seq_len=32768 model.max_seq_len=32768 train.micro_batch_size=1 train.max_steps="${TRAIN_STEPS:-30}" \
-    train.warmup_steps=5 train.eval_every=100000 train.eval_batches=2 data.max_corpus_mb=20 log.every=5 \
+    train.warmup_steps=5 train.eval_every=100000 train.eval_batches=1 data.max_corpus_mb=20 log.every=5 \
     log.expert_every=100000 ckpt.every=100000 run_dir="/tmp/run_$name" "$@" > "$OUT/train_$name.log" 2>&1
   echo "rc=$?"; grep -E "model:|step |rror" "$OUT/train_$name.log" | tail -9
 }
