@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# MoBA on one GPU in one device call of under 10 minutes: the kernel tests in bf16 (GQA included), bench/moba.py
-# end to end (gate + index + forward + backward) beside FlexAttention and dense flash, and the 32K training runs
-# (MoBA and full attention). Each item writes to $OUT as it finishes, so a call cut short keeps what it measured.
+# MoBA on one GPU: the kernel tests in bf16 (GQA included) and bench/moba.py end to end (gate + index + forward
+# + backward) beside FlexAttention and dense flash in one call of ~9 minutes; the 32K training runs (MoBA, then
+# full attention) in another (~6). Each item writes to $OUT as it finishes: a call cut short keeps what it measured.
 #
 #   bash bench/gpu_moba.sh [ITEM ...]     # items: tests bench train (default: tests bench)
 #
