@@ -41,11 +41,11 @@ for item in "${items[@]}"; do
   echo "=== $item $(date -u +%H:%M:%S)"
   case $item in
     tests)
-      timeout "${TESTS_S:-170}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_kernel.py \
+      timeout "${TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_kernel.py \
         tests/model/test_moba.py -k "${MOBA_TESTS:-not fp16 and not fp32}" > "$OUT/tests.txt" 2>&1
       echo "rc=$?"; grep -E "passed|failed|FAILED|rror" "$OUT/tests.txt" | tail -8 ;;
     bench)
-      timeout "${BENCH_S:-330}" python3 bench/moba.py --out-dir "$OUT" --impls "$IMPLS" --shapes "$SHAPES" \
+      timeout "${BENCH_S:-360}" python3 bench/moba.py --out-dir "$OUT" --impls "$IMPLS" --shapes "$SHAPES" \
         > "$OUT/bench.txt" 2>&1
       echo "rc=$?"; grep -v "^{" "$OUT/bench.txt" | tail -30 ;;
     train)
