@@ -1,7 +1,11 @@
-"""The language-model loss: mean token cross-entropy, in float32 whatever the logits' dtype."""
+"""The language-model loss: mean token cross-entropy, in float32 whatever the logits' dtype, and the MoE
+router losses every objective adds to its own."""
 
 import torch
 import torch.nn.functional as F
+
+from dist_moe.config import MoEConfig
+from dist_moe.model.transformer import ModelOutput
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -14,3 +18,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if kernel.supports(logits, targets):
             return kernel.cross_entropy(logits, targets)
     return F.cross_entropy(logits.float(), targets)
+
+
+def with_router_losses(moe: MoEConfig, loss: torch.Tensor, out: ModelOutput) -> tuple[torch.Tensor, dict]:
+    """loss + the weighted MoE load-balancing and z losses, and the three for logging."""
+    total = loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
+    return total, {"loss": loss.detach(), "aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()}

@@ -25,12 +25,12 @@ from dist_moe.config import (Config, ConfigError, DPOConfig, WEIGHT_SHAPING, che
                              load_config)
 from dist_moe.data import Tokenizer
 from dist_moe.data.preferences import PreferenceSampler, collate, read_preferences, split_pairs, tokenize_pairs
+from dist_moe.model.loss import with_router_losses
 from dist_moe.model.transformer import Transformer
 from dist_moe.parallel.groups import expert_parallel_group
 from dist_moe.train import checkpoint
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 from dist_moe.train.engine import DistContext
-from dist_moe.train.objective import with_router_losses
 
 # `dist-moe dpo` starts from the parent's config with these, then the user's overrides: preference tuning
 # takes far fewer and smaller steps than pretraining.
@@ -111,7 +111,7 @@ class DPO:
         with torch.no_grad():
             ref = sequence_logps(self.reference(inputs).logits, targets, mask)
         losses, metrics = preference_loss(*policy.chunk(2), *ref.chunk(2), *mask.sum(dim=1).chunk(2), self.cfg.dpo)
-        loss, scalars = with_router_losses(self.cfg, losses.mean(), out)
+        loss, scalars = with_router_losses(self.cfg.moe, losses.mean(), out)
         return loss, scalars | metrics
 
     @torch.no_grad()

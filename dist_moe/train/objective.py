@@ -15,8 +15,7 @@ import torch
 from dist_moe.config import Config, ConfigError
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import TokenSampler
-from dist_moe.model.loss import cross_entropy
-from dist_moe.model.transformer import ModelOutput
+from dist_moe.model.loss import cross_entropy, with_router_losses
 from dist_moe.train.engine import DistContext
 
 
@@ -47,12 +46,6 @@ def build_objective(cfg: Config, run_dir: Path, ctx: DistContext) -> Objective:
 
         return DPO(cfg, run_dir, ctx)
     return LanguageModeling(cfg, run_dir, ctx)
-
-
-def with_router_losses(cfg: Config, loss: torch.Tensor, out: ModelOutput) -> tuple[torch.Tensor, dict]:
-    """loss + the weighted MoE load-balancing and z losses, and the three for logging."""
-    total = loss + cfg.moe.aux_loss_coef * out.aux_loss + cfg.moe.z_loss_coef * out.z_loss
-    return total, {"loss": loss.detach(), "aux_loss": out.aux_loss.detach(), "z_loss": out.z_loss.detach()}
 
 
 def _init_tokenizer(cfg: Config):
@@ -90,7 +83,7 @@ class LanguageModeling:
     def micro_step(self, engine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = (t.to(self.ctx.device, non_blocking=True) for t in self.sampler.next_batch())
         out = engine(x)
-        return with_router_losses(self.cfg, cross_entropy(out.logits, y), out)
+        return with_router_losses(self.cfg.moe, cross_entropy(out.logits, y), out)
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
