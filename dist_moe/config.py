@@ -498,8 +498,9 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 # Keys a checkpoint was built with: changing them on resume would not load or would silently change the run.
 UNRESUMABLE = ("model.", "moba.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl",
-               "moe.noise", "moe.balance", "data.corpus", "data.sources", "data.vocab_size", "data.seq_len", "data.val_fraction",
-               "data.max_corpus_mb", "data.tokenizer_sample_mb", "data.dedup", "train.seed")
+               "moe.noise", "moe.balance", "data.corpus", "data.sources", "data.vocab_size", "data.seq_len",
+               "data.val_fraction", "data.max_corpus_mb", "data.tokenizer_sample_mb", "data.dedup", "data.shard_mb",
+               "train.seed")
 
 
 # Keys that shape the weights: a run that starts from another run's checkpoint (DPO) must keep them.

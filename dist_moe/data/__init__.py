@@ -26,7 +26,8 @@ __all__ = ["DataError", "Manifest", "PreparedData", "TokenSampler", "Tokenizer",
 
 @dataclass
 class PreparedData:
-    """What a run recorded in run_dir/data.json: the prepared folder and the tokenizer's copy in the run dir."""
+    """What a run recorded in run_dir/data.json: the prepared folder and the tokenizer's copy in the run dir
+    (the record also names the token counts, for readers of the run dir)."""
 
     folder: Path  # the prepared folder (manifest.json, shards/)
     tokenizer_path: Path  # the copy in the run dir
@@ -59,7 +60,10 @@ def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True, tok
     folder = prepare(cfg, cluster_cfg, show_progress=show_progress, tokenizer=tokenizer)
     run_dir = Path(run_dir)
     write_bytes_atomic(run_dir / "tokenizer.model", (folder / "tokenizer.model").read_bytes())
-    record = {"folder": str(folder), "tokenizer_path": "tokenizer.model"}  # relative: the run dir may move
+    manifest = read_manifest(folder)
+    record = {"folder": str(folder), "tokenizer_path": "tokenizer.model",  # relative: the run dir may move
+              "vocab_size": manifest.vocab_size, "train_tokens": manifest.tokens("train"),
+              "val_tokens": manifest.tokens("val"), "unigram_entropy_nats": manifest.unigram_entropy_nats}
     write_bytes_atomic(run_dir / "data.json", (json.dumps(record, indent=2) + "\n").encode())
     return load_prepared(run_dir)
 

@@ -66,7 +66,9 @@ def prepare(data_cfg, cluster_cfg=None, show_progress: bool = True, tokenizer: O
         counts = assign_splits(plan, data_cfg.val_fraction, data_cfg.dedup)
         _say(_describe_scan(plan, scans, counts), show_progress)
         _ensure_tokenizer(plan, data_cfg, tokenizer, show_progress)
-        done = runner.tokenize(plan, verify=True, show_progress=show_progress)
+        # after a kill, a finished unit's shards are hashed before they are trusted; after a manifest whose
+        # shards were checked just now, only with `verify`
+        done = runner.tokenize(plan, verify=verify or manifest is None, show_progress=show_progress)
     manifest = _manifest(plan, done, counts)
     write_manifest(plan.folder, manifest)
     _say(f"data: {manifest.tokens('train'):,} train and {manifest.tokens('val'):,} val tokens in "
@@ -174,8 +176,9 @@ def _ensure_tokenizer(plan: Plan, data_cfg, tokenizer: Optional[Path], show_prog
 
 
 def sample_rate(plan: Plan, sample_mb: float) -> float:
-    """The share of documents the scan keeps for the tokenizer: about twice its sample, spread evenly."""
-    return min(1.0, 2 * sample_mb * 1e6 / max(plan.bytes, 1))
+    """The share of documents the scan keeps for the tokenizer, chosen by hash: spread over every source and
+    file, a little over `sample_mb` (on-disk bytes; compressed sources give more text)."""
+    return min(1.0, 1.1 * sample_mb * 1e6 / max(plan.bytes, 1))
 
 
 def _manifest(plan: Plan, done: list[dict], counts: list[dict]) -> Manifest:

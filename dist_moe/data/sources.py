@@ -179,7 +179,8 @@ def _jsonl_lines(part: Part, text_key: str) -> Iterator[str]:
             fh.seek(part.start - 1)
             fh.readline()  # the rest of the line that holds byte start - 1: it belongs to the part before
         first = fh.tell()
-        lines = fh if part.end >= part.file.size or not path.endswith(".jsonl") else _lines_until(fh, part.end, cut=False)
+        ranged = part.end < part.file.size and path.endswith(".jsonl")
+        lines = _lines_until(fh, part.end, cut=False) if ranged else fh
         for lineno, raw in enumerate(lines, start=1):
             where = f"line {lineno}" if part.start == 0 else f"line {lineno} after byte {first}"
             line = _decode(raw, path, where)
@@ -249,3 +250,11 @@ def _check_column(names: list[str], text_key: str, path: str) -> None:
 
 def _strings(values: list) -> Iterator[str]:
     return (v for v in values if isinstance(v, str))
+
+
+def iter_source(path: str, max_mb: float = 0.0, text_key: str = "text") -> Iterator[tuple[str, str]]:
+    """(file path, document) for every document of one source, in order: for scripts and tests that want
+    texts (the DPO demo, tokenizer parity), not token shards."""
+    for part in list_parts(Source(path, 1.0, text_key), max_mb):
+        for text in read_documents(part, text_key):
+            yield part.file.path, text

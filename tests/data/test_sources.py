@@ -128,3 +128,17 @@ def test_source_errors_are_one_line_naming_the_file(tmp_path, setup, message):
         documents(path)
     text = str(info.value)
     assert message in text and "\n" not in text and (path.name in text or "nope" in text or str(tmp_path) in text)
+
+
+def test_data_sources_from_the_command_line_and_data_corpus_as_the_one_source():
+    from dist_moe.config import ConfigError, load_config
+    from dist_moe.data.sources import sources_of
+
+    cfg = load_config("tiny", ["data.sources=[{path: /d/*.jsonl.zst, weight: 3}, "
+                               "{path: /c, weight: 0, text_key: body}]"])
+    assert sources_of(cfg.data) == [Source("/d/*.jsonl.zst", 3.0, "text"), Source("/c", 0.0, "body")]
+    assert sources_of(load_config("tiny", ["data.corpus=site-packages"]).data) == [Source("site-packages", 1.0, "text")]
+    with pytest.raises(ConfigError, match="data.sources.*at least one weight > 0"):
+        load_config("tiny", ["data.sources=[{path: /c, weight: 0}]"])
+    with pytest.raises(ConfigError, match="data.sources.*weights >= 0"):
+        load_config("tiny", ["data.sources=[{path: /c, weight: -1}]"])
