@@ -23,14 +23,14 @@ from typing import Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
+from dist_moe.atomic import atomic_output
 from dist_moe.data.corpus import DataError
 from dist_moe.data.manifest import (MANIFEST_FORMAT, Manifest, ShardEntry, SourceEntry, file_sha256, load_manifest,
                                     shard_problem, token_dtype, write_manifest)
-from dist_moe.data.sources import Part, Source, list_parts, sources_of
+from dist_moe.data.sources import Part, Source, list_parts, source_names, sources_of
 from dist_moe.data.tokenizer import TOKENIZER_FORMAT, Tokenizer, train_tokenizer
 from dist_moe.data.units import (DUPLICATE, TRAIN, VAL, WorkUnit, finished_unit, hash_fractions, sample_texts,
                                  scan_unit, tokenize_unit, work_file)
-from dist_moe.atomic import atomic_output
 
 
 @dataclass(frozen=True)
@@ -187,10 +187,10 @@ def _manifest(plan: Plan, done: list[dict], counts: list[dict]) -> Manifest:
     token_counts = sum(np.load(plan.folder / record["counts"]) for record in done)
     p = token_counts[token_counts > 0] / token_counts.sum()
     sources = []
-    for index, source in enumerate(plan.sources):
+    for index, (source, name) in enumerate(zip(plan.sources, source_names(plan.sources))):
         tokens = {split: sum(s.tokens for s in shards if s.source == index and s.split == split)
                   for split in ("train", "val")}
-        sources.append(SourceEntry(name=Path(source.path).name or source.path, path=source.path,
+        sources.append(SourceEntry(name=name, path=source.path,
                                    weight=source.weight, text_key=source.text_key, **counts[index],
                                    train_tokens=tokens["train"], val_tokens=tokens["val"]))
     return Manifest(key=plan.folder.name, tokenizer_sha256=file_sha256(tokenizer.path),

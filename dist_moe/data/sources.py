@@ -39,6 +39,18 @@ def sources_of(cfg) -> list[Source]:
     return [Source(cfg.corpus)]
 
 
+def source_names(sources: list[Source]) -> list[str]:
+    """Short distinct names for logs and metrics: the last path component before any glob, without its
+    suffixes (`/data/web/*.jsonl.zst` -> web, `wiki.parquet` -> wiki); a repeated name gets `-<index>`."""
+    names = []
+    for index, source in enumerate(sources):
+        parts = Path(source.path).parts
+        plain = parts[:next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts))]
+        name = (plain[-1] if plain else "source").split(".")[0] or "source"
+        names.append(f"{name}-{index}" if name in names else name)
+    return names
+
+
 @dataclass(frozen=True)
 class SourceFile:
     path: str  # absolute

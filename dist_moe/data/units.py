@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -117,8 +118,9 @@ def tokenize_unit(folder: Path, unit: WorkUnit, tokenizer: Tokenizer, shard_byte
     """Tokenize the unit's kept documents (work/codes-<unit>.npy) into its shards; write and return its done
     record {unit, shards, counts}, counts being the .npy of its train token frequencies."""
     codes = np.load(work_file(folder, "codes", unit.index, "npy"))
-    for old in (folder / "shards").glob(f"{unit.source}-*-{unit.index:05d}-*"):
-        old.unlink()  # a previous attempt's shards: the new ones may be fewer
+    for pattern in (f"{unit.source}-*-{unit.index:05d}-*", f".{unit.source}-*-{unit.index:05d}-*"):
+        for old in (folder / "shards").glob(pattern):
+            old.unlink()  # a previous attempt's shards (the new ones may be fewer) and temp files
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {TRAIN: _ShardWriter(folder, unit, "train", dtype, shard_bytes),
                VAL: _ShardWriter(folder, unit, "val", dtype, shard_bytes)}
@@ -152,40 +154,48 @@ def tokenize_unit(folder: Path, unit: WorkUnit, tokenizer: Tokenizer, shard_byte
 
 
 class _ShardWriter:
-    """Appends documents to shards/<source>-<split>-<unit>-<n>.bin, starting a new file before one would pass
-    `shard_bytes` (a document longer than that gets a file of its own); each file renamed into place whole."""
+    """Streams documents into shards/<source>-<split>-<unit>-<n>.bin, starting a new file before one would
+    pass `shard_bytes` (a document longer than that gets a file of its own). A file is written under a hidden
+    temp name, flushed and renamed when full; only the documents' lengths stay in memory."""
 
     def __init__(self, folder: Path, unit: WorkUnit, split: str, dtype: np.dtype, shard_bytes: int):
-        self.folder, self.unit, self.split, self.dtype, self.shard_bytes = folder, unit, split, dtype, shard_bytes
+        self.folder, self.unit, self.split, self.shard_bytes = folder, unit, split, shard_bytes
+        self.dtype = dtype.newbyteorder("<")
         self.done: list[ShardEntry] = []
-        self._docs: list[np.ndarray] = []
-        self._size = 0
+        self._file = None
 
     def add(self, tokens: np.ndarray) -> None:
-        if self._docs and self._size + tokens.nbytes > self.shard_bytes:
-            self._flush()
-        self._docs.append(tokens)
-        self._size += tokens.nbytes
-        if self._size >= self.shard_bytes:
-            self._flush()
+        data = tokens.astype(self.dtype, copy=False).tobytes()
+        if self._file is not None and self._size + len(data) > self.shard_bytes:
+            self._finish()
+        if self._file is None:
+            self._name = f"shards/{self.unit.source}-{self.split}-{self.unit.index:05d}-{len(self.done):03d}"
+            self._tmp = self.folder / f"{self._name}.bin.{os.getpid()}.tmp"
+            self._tmp = self._tmp.with_name("." + self._tmp.name)
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._file, self._size, self._lengths, self._sha = open(self._tmp, "wb"), 0, [], hashlib.sha256()
+        self._file.write(data)
+        self._sha.update(data)
+        self._size += len(data)
+        self._lengths.append(len(tokens))
 
     def close(self) -> list[ShardEntry]:
-        if self._docs:
-            self._flush()
+        if self._file is not None:
+            self._finish()
         return self.done
 
-    def _flush(self) -> None:
-        name = f"shards/{self.unit.source}-{self.split}-{self.unit.index:05d}-{len(self.done):03d}"
-        lengths = np.array([len(d) for d in self._docs], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        tokens = np.concatenate(self._docs)
-        data = tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        write_bytes_atomic(self.folder / f"{name}.idx.npy", _npy_bytes(starts))
-        write_bytes_atomic(self.folder / f"{name}.bin", data)
-        self.done.append(ShardEntry(file=f"{name}.bin", index=f"{name}.idx.npy", source=self.unit.source,
-                                    split=self.split, tokens=int(tokens.size), documents=len(self._docs),
-                                    bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), unit=self.unit.index))
-        self._docs, self._size = [], 0
+    def _finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        starts = np.concatenate([[0], np.cumsum(self._lengths)[:-1]]).astype(np.int64)
+        write_bytes_atomic(self.folder / f"{self._name}.idx.npy", _npy_bytes(starts))
+        os.replace(self._tmp, self.folder / f"{self._name}.bin")
+        self.done.append(ShardEntry(file=f"{self._name}.bin", index=f"{self._name}.idx.npy",
+                                    source=self.unit.source, split=self.split, tokens=self._size // self.dtype.itemsize,
+                                    documents=len(self._lengths), bytes=self._size, sha256=self._sha.hexdigest(),
+                                    unit=self.unit.index))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -224,3 +224,17 @@ def test_joined_split_is_the_shards_in_manifest_order(tmp_path):
     folder = prepared.folder
     joined = b"".join((folder / s.file).read_bytes() for s in prepared.manifest.shards if s.split == "train")
     assert prepared.train_path.read_bytes() == joined
+
+
+def test_dist_moe_data_prepare_prints_the_folder_and_names_a_missing_path_in_one_line(corpus_dir, tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dist_moe.cli", "data", "prepare", *args,
+                               f"data.cache_dir={tmp_path}", "data.vocab_size=400"],
+                              capture_output=True, text=True, timeout=600)
+
+    ok = run(f"data.corpus={corpus_dir}", "--verify")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    folder = Path(ok.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and read_manifest(folder, verify=True).sources[0].documents == 42
+    bad = run(f"data.corpus={tmp_path}/nope")
+    assert bad.returncode == 2 and "nope" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -142,3 +142,10 @@ def test_data_sources_from_the_command_line_and_data_corpus_as_the_one_source():
         load_config("tiny", ["data.sources=[{path: /c, weight: 0}]"])
     with pytest.raises(ConfigError, match="data.sources.*weights >= 0"):
         load_config("tiny", ["data.sources=[{path: /c, weight: -1}]"])
+
+
+def test_source_names_are_short_and_distinct():
+    from dist_moe.data.sources import source_names
+
+    paths = ["/data/web/*.jsonl.zst", "/data/wiki.parquet", "stdlib", "/other/web/**/*.jsonl", "*.txt", "/x/.hidden"]
+    assert source_names([Source(p) for p in paths]) == ["web", "wiki", "stdlib", "web-3", "source", "source-5"]
