@@ -38,12 +38,20 @@ class PreparedData:
         return self.manifest.vocab_size
 
     @property
+    def eos_id(self) -> int:
+        return self.manifest.eos_id
+
+    @property
     def unigram_entropy_nats(self) -> float:
         return self.manifest.unigram_entropy_nats
 
     @property
     def train_tokens(self) -> int:
         return self.manifest.tokens("train")
+
+    @property
+    def val_tokens(self) -> int:
+        return self.manifest.tokens("val")
 
     @property
     def train_path(self) -> Path:

@@ -99,10 +99,11 @@ def make_plan(data_cfg, tokenizer: Optional[Path] = None) -> Plan:
 
 
 def _group_parts(parts: list[Part], unit_bytes: int) -> Iterator[list[Part]]:
-    """Consecutive parts of about `unit_bytes` together; a plain .jsonl larger than that in byte ranges."""
+    """Consecutive parts of about `unit_bytes` together; a plain .jsonl or a Parquet file larger than that in
+    byte ranges (a range owns the lines, or row groups, that begin in it)."""
     group, size = [], 0
     for part in parts:
-        splittable = part.file.path.endswith(".jsonl") and part.end - part.start > unit_bytes
+        splittable = part.file.path.endswith((".jsonl", ".parquet")) and part.end - part.start > unit_bytes
         pieces = ([Part(part.file, s, min(s + unit_bytes, part.end)) for s in range(part.start, part.end, unit_bytes)]
                   if splittable else [part])
         for piece in pieces:

@@ -6,7 +6,7 @@ files (one document per file; a text file named directly holds documents separat
 `text_key` column, read row group by row group) and `.arrow` (the files of a Hugging Face `save_to_disk`
 folder, read batch by batch). Nothing reads a whole file into memory except a text file that is one document.
 Files are listed in sorted order; `max_mb` keeps the first files up to that many MB on disk (the last one cut
-where its format allows: text and plain `.jsonl`).
+where its format allows: text, plain `.jsonl`, Parquet by row group).
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ class SourceFile:
 
 @dataclass(frozen=True)
 class Part:
-    """Bytes [start, end) of a file: the documents that begin there (text and plain .jsonl can be cut;
-    any other part is the whole file)."""
+    """Bytes [start, end) of a file: the documents that begin there (text, plain .jsonl and Parquet, by the
+    offset of each row group, can be cut; any other part is the whole file)."""
 
     file: SourceFile
     start: int
@@ -94,7 +94,7 @@ def list_parts(source: Source, max_mb: float = 0.0) -> list[Part]:
     for f in files:
         if left is not None and left <= 0:
             break
-        cuttable = f.kind in ("text", "paragraphs") or f.path.endswith(".jsonl")
+        cuttable = f.kind in ("text", "paragraphs", "parquet") or f.path.endswith(".jsonl")
         end = min(f.size, left) if left is not None and cuttable else f.size
         parts.append(Part(f, 0, end))
         left = None if left is None else left - end
@@ -228,12 +228,23 @@ def _decode(raw: bytes, path: str, where) -> str:
 
 
 def _parquet(part: Part, text_key: str) -> Iterator[str]:
+    """The row groups whose data begins in [start, end), batch by batch."""
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(part.file.path)
     _check_column(table.schema_arrow.names, text_key, part.file.path)
-    for batch in table.iter_batches(batch_size=_BATCH_ROWS, columns=[text_key]):
+    groups = [i for i in range(table.metadata.num_row_groups)
+              if part.start <= _row_group_offset(table.metadata.row_group(i)) < part.end]
+    if not groups:
+        return
+    for batch in table.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups, columns=[text_key]):
         yield from _strings(batch.column(0).to_pylist())
+
+
+def _row_group_offset(row_group) -> int:
+    column = row_group.column(0)
+    offsets = [o for o in (column.dictionary_page_offset, column.data_page_offset) if o]
+    return min(offsets) if offsets else column.file_offset
 
 
 def _arrow(part: Part, text_key: str) -> Iterator[str]:

@@ -149,3 +149,12 @@ def test_source_names_are_short_and_distinct():
 
     paths = ["/data/web/*.jsonl.zst", "/data/wiki.parquet", "stdlib", "/other/web/**/*.jsonl", "*.txt", "/x/.hidden"]
     assert source_names([Source(p) for p in paths]) == ["web", "wiki", "stdlib", "web-3", "source", "source-5"]
+
+
+def test_parquet_byte_ranges_read_each_row_group_exactly_once(tmp_path):
+    texts = [f"row {i} " + "y" * (i % 11) for i in range(100)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=9)
+    whole = list_parts(Source(str(tmp_path / "t.parquet")))[0]
+    for step in (1, 100, 333, whole.end):
+        parts = [Part(whole.file, s, min(s + step, whole.end)) for s in range(0, whole.end, step)]
+        assert [d for p in parts for d in read_documents(p, "text")] == texts, step
