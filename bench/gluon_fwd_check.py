@@ -89,7 +89,7 @@ def cross_check_triton(name):
     import kernels.flash_attention as fa
     from kernels.flash_attention import _forward as triton_forward
     from kernels.flash_attention_gluon import flash_attention_forward_gluon
-    fa._GLUON = False  # flash_attention itself runs the Gluon forward on Hopper: compare with the Triton one
+    fa.GLUON = False  # flash_attention itself runs the Gluon forward on Hopper: compare with the Triton one
     q, k, v = inputs(2, 8, 2, 2048, torch.bfloat16, seed=1)
     o, lse = flash_attention_forward_gluon(q, k, v, True, D ** -0.5, config=VARIANTS[name])
     o_t, lse_t = triton_forward(q, k, v, True, 0, D ** -0.5)
@@ -108,7 +108,7 @@ def baselines():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import kernels.flash_attention as fa
     from kernels.flash_attention import flash_attention
-    fa._GLUON = False  # time the Triton forward, which flash_attention replaces by the Gluon one on Hopper
+    fa.GLUON = False  # time the Triton forward, which flash_attention replaces by the Gluon one on Hopper
     for B, Hq, Hkv, N in BENCH_SHAPES:
         q, k, v = inputs(B, Hq, Hkv, N, torch.bfloat16)
         with torch.no_grad():

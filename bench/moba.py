@@ -1,39 +1,13 @@
-"""MoBA forward+backward time: our Triton kernels (kernels/moba.py) beside FlexAttention with the same block
-mask, a PyTorch MoBA in the original's style (gather the chosen blocks, then SDPA) and our dense causal flash
-kernel, in one process on the same bf16 inputs. B*N = 128K tokens, Hq = 32, Hkv = 8, D = 128.
+"""MoBA forward+backward, end to end (gate + column index + attention) and by stage: our kernels beside
+FlexAttention under the same block mask and our dense causal flash kernel, bf16, B*N = 128K tokens (B = 1 past
+that), Hq = 32, Hkv = 8, D = 128, top_k = N / (16 * block). docs/moba.md holds the cost model and the results.
 
-    python bench/moba.py [--shapes all|quick|long|512k|N:block,...] [--impls SUBSTRING,...]
+    python bench/moba.py [--shapes all|quick|long|512k|N:block[:random|correlated],...] [--impls SUBSTRING,...]
                          [--out-dir bench/results]
-
-FLOP model (counted before measuring; forward 4*D FLOPs per (query, key) pair per head, backward 2.5x):
-- dense causal: 4*B*Hq*D * N^2/2. At N = 128K (B=1): 4*32*128 * 8.6e9 = 1.41e14 forward.
-- MoBA, top_k = N / (16 * block) past blocks per query plus its own half (causally): keys per query
-  ~ top_k*block + block/2 = N/16 + block/2, so 4*B*Hq*D * N * (N/16 + block/2); at N = 128K, block 128:
-  4*32*128 * 131072 * 8256 = 1.77e13, i.e. 8.0x fewer than dense (1/16 of the keys vs 1/2, plus the own
-  block). The gate adds 2*B*Hq*D * N * (N/block)/2 FLOPs: at block 128, 2*32*128 * 131072 * 512 = 5.5e11
-  (3% of MoBA's forward), plus the running top-k's O(N * N/block * top_k) compares.
-- bytes, "tile" order (kernels/moba.py): per query tile (64 rows) the forward streams K and V of every block
-  any of its rows chose: 2 * union * block * D * 2 bytes. With independent random choices (these random
-  inputs) a tile of 64 queries covers 1 - (15/16)^64 = 98% of the past blocks, so this order does
-  near-dense work: predicted ~1x dense flash, not 8x. The table reports the measured union ("tile
-  coverage": visited (tile, block) pairs / past pairs).
-- bytes, "gather" order (collect and densify, the candidate default; timed as "ours"): per (query, chosen block)
-  pair, ~3.3 KB forward (the gathered q row, its fp32 softmax state read and written, its share of the block's
-  K/V in half-full tiles; 2.3 KB in full ones), ~3.6 KB for dQ, ~1 KB for dK/dV (kernels/moba.py's docstring has
-  the count): 20-28 FLOP/byte forward, so it is bandwidth-bound unless L2 holds a range's scratch. At N = 128K,
-  block 128 (268M pairs): 620-890 GB forward from HBM in the worst case, 130-185 ms at 4.8 TB/s; 44 ms if
-  compute-bound at 400 TFLOP/s; dense flash's forward is ~350 ms there. Its column index (a stable sort of the
-  268M pairs) is in the timed step and also timed alone ("index ms"), with its size ("index GiB"). Variants of
-  ours: "gathered ranges of 1024 rows" (FlashMoBA's range at this sparsity: fuller tiles, twice the scratch per
-  program), "forward tiles 32x64 w4" (two forward programs per SM), "tile order" (the per-tile kernels,
-  kernels/moba.py's default until the gathered order wins here).
-Every implementation gets the same block choice (our gate's); the timed step is attention forward+backward,
-so neither our gate nor FlexAttention's block-mask build is in it: the gate's own time is a column.
-Targets (issue 27): fwd+bwd >= 1.5x FlexAttention at N >= 32K; >= 8x dense flash at N = 128K, block 128;
-one layer at N = 512K (B = 1) fits on one H200. Needs CUDA; on CPU it stops with a message.
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -53,12 +27,25 @@ except ImportError:  # the repository is not pip-installed (e.g. on a bare GPU m
     from kernels.flash_attention import flash_attention
 
 TOKENS, HQ, HKV, D = 128 * 1024, 32, 8, 128
-SHAPES = {  # (N, block_size): top_k = N / (16 * block_size), at least 1
-    "all": [(n, bs) for n in (8192, 32768, 131072) for bs in (128, 512)],
-    "quick": [(8192, 128)],
-    "long": [(n, bs) for n in (32768, 131072) for bs in (128, 512)],  # the shapes the speed targets name
-    "512k": [(524288, 128)],  # the memory target: ours alone (dense flash alone would take minutes there)
+SHAPES = {  # (N, block_size, inputs): top_k = N / (16 * block_size), at least 1
+    "quick": [(8192, 128, "random")],
+    "all": [(n, 128, "random") for n in (8192, 32768, 131072)],
+    "long": [(n, 128, "random") for n in (32768, 131072)],  # the shapes the speed targets name
+    "512k": [(524288, 128, "random")],  # the memory target: ours alone
 }
+INPUTS = ("random", "correlated")
+
+
+def tile_chose(chosen: torch.Tensor, block_m: int, num_blocks: int) -> torch.Tensor:
+    """(B, Hq, N / block_m, num_blocks) bool: whether any query of a block_m-row tile chose a block."""
+    B, Hq, N, K = chosen.shape
+    num_tiles = triton.cdiv(N, block_m)
+    hits = torch.zeros((B, Hq, num_tiles, num_blocks + 1), device=chosen.device, dtype=torch.bool)
+    for h in range(Hq):  # one head at a time bounds the int64 copy scatter_ needs
+        padded = torch.full((B, num_tiles * block_m, K), -1, device=chosen.device, dtype=torch.long)
+        padded[:, :N] = chosen[:, h]
+        hits[:, h].scatter_(-1, padded.view(B, num_tiles, block_m * K) + 1, True)  # column 0 takes the -1s
+    return hits[..., 1:]
 
 
 def flex_moba(chosen: torch.Tensor, block_size: int, N: int, flex_block: int = 128):
@@ -80,7 +67,7 @@ def flex_moba(chosen: torch.Tensor, block_size: int, N: int, flex_block: int = 1
         return own | table[b, h, q_idx, kv_idx // block_size]
 
     tiles = triton.cdiv(N, flex_block)
-    hits = moba_kernels._tile_chose(chosen, flex_block, num_blocks).bool()  # (B, Hq, tiles, NB)
+    hits = tile_chose(chosen, flex_block, num_blocks)  # (B, Hq, tiles, NB)
     kv_tile = torch.arange(tiles, device=chosen.device)
     moba_block_of = kv_tile * flex_block // block_size  # (tiles,) the MoBA block of each 128-row tile
     own = (moba_block_of[None, :] == moba_block_of[:, None]) & (kv_tile[None, :] <= kv_tile[:, None])
@@ -130,16 +117,16 @@ def pytorch_moba(chosen: torch.Tensor, block_size: int, chunk_bytes: float = 2e9
     return run
 
 
-def ours(chosen: torch.Tensor, block_size: int, top_k: int, order: str = "gather", **settings):
-    """Our kernels in one order, with kernels/moba.py's settings (GATHER_RANGE_ROWS, TILES) replaced during
-    the forward call; the autograd Function keeps the forward's range size for the backward, whose tiles
-    are the module's own."""
+def ours(chosen: torch.Tensor | None, block_size: int, top_k: int, **settings):
+    """Our kernels with kernels/moba.py's settings (GATHER_RANGE_ROWS, TILES, GATE_METHOD) replaced during the
+    forward call (the autograd Function keeps the forward's range size for the backward). chosen None: the
+    gate runs inside the step (end to end); else the given choice (index + attention)."""
     def run(q, k, v):
         default = {name: getattr(moba_kernels, name) for name in settings}
         for name, value in settings.items():
             setattr(moba_kernels, name, value)
         try:
-            return moba_kernels.moba_attention(q, k, v, block_size, top_k, chosen=chosen, order=order)
+            return moba_kernels.moba_attention(q, k, v, block_size, top_k, chosen=chosen)
         finally:
             for name, value in default.items():
                 setattr(moba_kernels, name, value)
@@ -147,32 +134,57 @@ def ours(chosen: torch.Tensor, block_size: int, top_k: int, order: str = "gather
 
 
 def implementations(chosen: torch.Tensor, block_size: int, top_k: int, N: int, peers: bool = True):
-    """name -> attention(q, k, v); ours runs first and is the reference the others are compared with. Without
-    peers, ours alone (past 128K FlexAttention's mask table alone is tens of GB, dense flash takes minutes).
-    Two variants of ours try the guesses most likely to be wrong: FlashMoBA's 1024-row ranges, and a
-    forward of 32 x 64 tiles on 4 warps (two programs per SM, to hide the gathers' latency)."""
-    first = {"dist_moe moba, gathered order (ours)": ours(chosen, block_size, top_k)}
+    """name -> (a function making attention(q, k, v), whether the gate is inside it); each is made only when it
+    runs (FlexAttention's mask is GBs). The first is ours end to end, the reference the others are compared
+    with. Without peers (past 128K), ours alone."""
+    first = {"ours, end to end": (lambda: ours(None, block_size, top_k), True)}
     if not peers:
         return first
-    small_forward = {**moba_kernels.TILES, "gather": {**moba_kernels.TILES["gather"], "forward": (32, 64, 4, 2)}}
+    small_forward = {**moba_kernels.TILES, "forward": (32, 64, 4, 2)}
     return {
         **first,
-        "dist_moe moba, gathered ranges of 1024 rows": ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024),
-        "dist_moe moba, forward tiles 32x64 w4": ours(chosen, block_size, top_k, TILES=small_forward),
-        "dist_moe moba, tile order (the default)": ours(chosen, block_size, top_k, order="tile"),
-        "FlexAttention, MoBA mask": flex_moba(chosen, block_size, N),
-        "PyTorch MoBA (gather + SDPA)": pytorch_moba(chosen, block_size),
-        "dist_moe flash_attention, dense causal": lambda q, k, v: flash_attention(q, k, v, causal=True),
+        "ours, given choice (index + attention)": (lambda: ours(chosen, block_size, top_k), False),
+        "ours, given choice, ranges of 1024 rows":
+            (lambda: ours(chosen, block_size, top_k, GATHER_RANGE_ROWS=1024), False),
+        "ours, given choice, forward tiles 32x64 w4":
+            (lambda: ours(chosen, block_size, top_k, TILES=small_forward), False),
+        "FlexAttention, MoBA mask (given choice)": (lambda: flex_moba(chosen, block_size, N), False),
+        "PyTorch MoBA (gather + SDPA)": (lambda: pytorch_moba(chosen, block_size), False),
+        "dist_moe flash_attention, dense causal": (lambda: lambda q, k, v: flash_attention(q, k, v, causal=True),
+                                                   True),
     }
 
 
-def tile_coverage(chosen: torch.Tensor, block_size: int) -> float:
-    """Visited (query tile, past block) pairs / all past pairs: the union the per-tile forward walks."""
-    tile = 64 if block_size % 64 == 0 else 16
-    hits = moba_kernels._tile_chose(chosen, tile, triton.cdiv(chosen.shape[2], block_size)).float()
+def choice_stats(chosen: torch.Tensor, block_size: int) -> dict:
+    """How alike neighbouring queries choose: tile coverage (the union of a 64-query tile's choices over its past
+    blocks) and the gathered order's tile fill (pairs / rows of the 64-row tiles it runs, ranges as the
+    kernel cuts them)."""
+    N, tile = chosen.shape[2], math.gcd(64, block_size)  # a tile inside one MoBA block
+    num_blocks = N // block_size
+    hits = tile_chose(chosen, tile, num_blocks).float()
     own = torch.arange(hits.shape[2], device=hits.device) * tile // block_size
-    past = (torch.arange(hits.shape[3], device=hits.device)[None, :] < own[:, None]).float()
-    return (hits.sum() / (past.sum() * hits.shape[0] * hits.shape[1])).item()
+    past = (torch.arange(num_blocks, device=hits.device)[None, :] < own[:, None]).float()
+    rows, starts = moba_kernels.column_index(chosen, num_blocks, moba_kernels._range_rows(block_size))
+    counts = starts[..., 1:] - starts[..., :-1]
+    tiles = torch.div(counts + 63, 64, rounding_mode="floor").sum().item()
+    return dict(tile_coverage=(hits.sum() / (past.sum() * hits.shape[0] * hits.shape[1])).item(),
+                gathered_fill=(counts.sum().item() / max(1, 64 * tiles)))
+
+
+def profile_ms(step) -> dict:
+    """GPU time of one step by stage, from the profiler's kernel list."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stages = (("_gate", "gate"), ("_block_means", "gate"), ("topk", "gate"), ("gemm", "gate"), ("sort", "index"),
+              ("searchsorted", "index"), ("_moba_fwd", "forward"), ("_moba_dq", "dq"), ("_moba_dkdv", "dkdv"))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    out = {}
+    for event in prof.key_averages():
+        stage = next((s for key, s in stages if key in event.key.lower()), "other")
+        out[stage] = out.get(stage, 0.0) + event.device_time_total / 1e3
+    return {k: round(v, 2) for k, v in sorted(out.items())}
 
 
 def time_step(step, grads: tuple[torch.Tensor, ...] = (), slow_ms: float = 1000.0) -> tuple[float, str]:
@@ -192,45 +204,71 @@ def time_step(step, grads: tuple[torch.Tensor, ...] = (), slow_ms: float = 1000.
                                    return_mode="median"), "median"
 
 
-def bench_shape(N: int, block_size: int, impls: list[str], dtype=torch.bfloat16, device="cuda"):
+def make_inputs(B: int, N: int, inputs: str, block_size: int, dtype, device):
+    """q, k, v, do. "correlated": as in a trained model, neighbouring queries choose alike: each key block has
+    its own mean direction, and the queries of a 256-token stretch share one direction (plus noise)."""
+    q = torch.randn(B, HQ, N, D, device=device, dtype=dtype)
+    k = torch.randn(B, HKV, N, D, device=device, dtype=dtype)
+    if inputs == "correlated":
+        topic = torch.randn(B, HQ, triton.cdiv(N, 256), D, device=device, dtype=dtype)
+        q = topic.repeat_interleave(256, dim=2)[:, :, :N] * 2 + q * 0.5
+        k = k + torch.randn(B, HKV, triton.cdiv(N, block_size), D, device=device,
+                            dtype=dtype).repeat_interleave(block_size, dim=2)[:, :, :N]
+    v = torch.randn(B, HKV, N, D, device=device, dtype=dtype)
+    return (*(x.requires_grad_() for x in (q, k, v)), torch.randn(B, HQ, N, D, device=device, dtype=dtype))
+
+
+def bench_shape(N: int, block_size: int, inputs: str, impls: list[str], dtype=torch.bfloat16, device="cuda"):
     B, top_k = max(1, TOKENS // N), max(1, N // (16 * block_size))
     torch.manual_seed(0)
-    q = torch.randn(B, HQ, N, D, device=device, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, HKV, N, D, device=device, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, HKV, N, D, device=device, dtype=dtype, requires_grad=True)
-    do = torch.randn(B, HQ, N, D, device=device, dtype=dtype)
+    q, k, v, do = make_inputs(B, N, inputs, block_size, dtype, device)
     with torch.no_grad():
-        chosen = moba_kernels.select_blocks(q, k, block_size, top_k)[..., :top_k].contiguous()
-    gate_ms, gate_topk_ms = (time_step(lambda: moba_kernels.select_blocks(q, k, block_size, top_k, method=method))[0]
-                             for method in ("kernel", "topk"))
+        chosen = moba_kernels.select_blocks(q, k, block_size, top_k, method="topk")[..., :top_k].contiguous()
+    gate = {}
+    for method in ("kernel", "topk"):
+        try:
+            gate[method] = time_step(lambda: moba_kernels.select_blocks(q, k, block_size, top_k, method=method))[0]
+        except Exception as e:  # reported; the attention is still timed
+            print(f"gate {method}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            gate[method] = float("inf")
     index = lambda: moba_kernels.column_index(chosen, N // block_size, moba_kernels._range_rows(block_size))
     index_ms = time_step(index)[0]
     index_gib = sum(x.numel() * x.element_size() for x in index()) / 2**30
     moba_flops = 4 * B * HQ * D * N * (top_k * block_size + block_size / 2)
-    common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, dtype=str(dtype)[6:],
-                  gate_ms=gate_ms, gate_topk_ms=gate_topk_ms, index_ms=index_ms, index_gib=index_gib,
-                  tile_coverage=tile_coverage(chosen, block_size))
-    rows, ours = [], None
-    peers = N <= max(n for n, _ in SHAPES["all"])
-    for name, fn in implementations(chosen, block_size, top_k, N, peers).items():
-        if impls and not any(part in name for part in impls):
-            continue
+    common = dict(B=B, Hq=HQ, Hkv=HKV, N=N, D=D, block_size=block_size, top_k=top_k, inputs=inputs,
+                  dtype=str(dtype)[6:], gate_kernel_ms=gate["kernel"], gate_topk_ms=gate["topk"],
+                  index_ms=index_ms, index_gib=index_gib, **choice_stats(chosen, block_size))
+    rows, first = [], None
+    peers = N <= 131072
+    if not peers:  # ours alone: the choice is made inside its step, so this copy would only take memory
+        del chosen
+        chosen = None
+    for name, (make, gated) in implementations(chosen, block_size, top_k, N, peers).items():
+        if impls and rows and not any(part in name for part in impls):
+            continue  # the first (ours end to end) always runs: the others are compared with it
         row = dict(impl=name, **common)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         try:
+            fn = make()
             out = fn(q, k, v)
-            ours = out.detach().float() if ours is None else ours
-            row["rel_err_vs_ours"] = ((out.float() - ours).norm() / ours.norm()).item()
+            if peers:  # alone (past 128K) nothing is compared: no fp32 copy of the output (8.6 GB at 512K)
+                first = out.detach().float() if first is None else first
+                row["rel_err_vs_first"] = ((out.float() - first).norm() / first.norm()).item()
+            del out
 
             def step():
                 fn(q, k, v).backward(do)
 
             row["fwd_bwd_ms"], row["timing"] = time_step(step, (q, k, v))
+            # the gate a peer needs too (ours, topk): FlexAttention's block-mask build is not counted
+            row["end_to_end_ms"] = row["fwd_bwd_ms"] + (0.0 if gated else min(gate.values()))
             row["moba_tflops"] = 3.5 * moba_flops / row["fwd_bwd_ms"] * 1e-9  # fwd + 2.5x bwd, MoBA's FLOPs
             row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if name.startswith("ours, end to end"):
+                row["profile_ms"] = profile_ms(step)
         except Exception as e:  # an implementation that runs out of memory or refuses is reported, not fatal
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -239,52 +277,59 @@ def bench_shape(N: int, block_size: int, impls: list[str], dtype=torch.bfloat16,
 def markdown(rows, meta) -> str:
     lines = [f"# MoBA benchmark, {meta['date']}", "",
              f"GPU: {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; bf16, Hq={HQ}, Hkv={HKV}, D={D}, "
-             f"B*N={TOKENS}; forward+backward, median of do_bench (a step over 1 s: one timed run, marked *). "
-             "Speedup = that impl's time / ours.", "",
+             f"B*N={TOKENS} (B=1 past that); forward+backward, median of do_bench (a step over 1 s: one timed run, "
+             "marked *). End to end = gate + index + forward + backward (a peer given the choice: plus our "
+             "faster gate). x = that impl's end to end / the first row's.", "",
              f"Command: `{meta['command']}`", "",
-             "| N | block | top_k | gate ms (kernel / topk) | index ms | index GiB | tile coverage | impl | fwd+bwd ms "
-             "| MoBA TFLOP/s | ours faster by |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ours = {(r["N"], r["block_size"]): r for r in rows if r["impl"].endswith("(ours)") and "fwd_bwd_ms" in r}
+             "| N | block | top_k | inputs | gate ms kernel / topk | index ms | tile coverage | gathered fill "
+             "| impl | rel err | fwd+bwd ms | end to end ms | x | peak GiB | MoBA TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    first = {}
     for r in rows:
-        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['gate_ms']:.2f} / {r['gate_topk_ms']:.2f} | "
-                f"{r['index_ms']:.2f} | {r['index_gib']:.2f} | {r['tile_coverage']:.2f} | {r['impl']} |")
+        head = (f"| {r['N']} | {r['block_size']} | {r['top_k']} | {r['inputs']} | {r['gate_kernel_ms']:.1f} / "
+                f"{r['gate_topk_ms']:.1f} | {r['index_ms']:.1f} | {r['tile_coverage']:.2f} | "
+                f"{r['gathered_fill']:.2f} | {r['impl']} |")
         if "error" in r:
-            lines.append(f"{head} error: {r['error'][:80]} | | |")
+            lines.append(f"{head} error: {r['error'][:80]} | | | | | |")
             continue
-        o = ours.get((r["N"], r["block_size"]))
-        ms = f"{r['fwd_bwd_ms']:.2f}" + ("*" if r["timing"] == "one run" else "")
-        lines.append(f"{head} {ms} | {r['moba_tflops']:.0f} | "
-                     f"{r['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x |" if o else f"{head} {ms} | | |")
+        base = first.setdefault((r["N"], r["block_size"], r["inputs"]), r["end_to_end_ms"])
+        star = "*" if r["timing"] == "one run" else ""
+        lines.append(f"{head} {r.get('rel_err_vs_first', float('nan')):.1e} | {r['fwd_bwd_ms']:.1f}{star} | "
+                     f"{r['end_to_end_ms']:.1f} | {r['end_to_end_ms'] / base:.2f}x | {r['peak_gib']:.1f} | "
+                     f"{r['moba_tflops']:.0f} |")
+    lines += ["", "Ours end to end by stage (profiler, one step, ms):", ""]
+    lines += [f"- N {r['N']}, {r['inputs']}, {r['impl']}: {r['profile_ms']}" for r in rows if "profile_ms" in r]
     return "\n".join(lines) + "\n"
 
 
-def shapes(spec: str) -> list[tuple[int, int]]:
-    """--shapes: a named set or N:block pairs."""
+def shapes(spec: str) -> list[tuple[int, int, str]]:
+    """--shapes: a named set or N:block[:inputs] triples."""
     if spec in SHAPES:
         return SHAPES[spec]
-    try:
-        pairs = [tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")]
-    except ValueError:
-        pairs = []
-    if not pairs or any(len(pair) != 2 for pair in pairs):
-        sys.exit(f"bench/moba.py: --shapes {spec!r}: expected one of {sorted(SHAPES)} or N:block pairs like 8192:128")
-    return pairs
+    out = []
+    for part in spec.split(","):
+        fields = part.split(":")
+        if len(fields) not in (2, 3) or not all(f.isdigit() for f in fields[:2]) or (
+                len(fields) == 3 and fields[2] not in INPUTS):
+            sys.exit(f"bench/moba.py: --shapes {spec!r}: expected one of {sorted(SHAPES)} or N:block[:inputs] "
+                     f"like 8192:128,131072:128:correlated (inputs one of {INPUTS})")
+        out.append((int(fields[0]), int(fields[1]), fields[2] if len(fields) == 3 else "random"))
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="all", help=f"one of {sorted(SHAPES)}, or N:block pairs, comma-separated "
-                        "(e.g. 8192:128,131072:128)")
+    parser.add_argument("--shapes", default="all", help=f"one of {sorted(SHAPES)}, or N:block[:inputs], "
+                        "comma-separated (e.g. 8192:128,131072:128:correlated)")
     parser.add_argument("--impls", default="", help="comma-separated substrings of the implementations to run "
-                        "(ours always runs first: the others are compared with it); default all")
+                        "(ours end to end always runs first); default all")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     todo = shapes(args.shapes)
     if not torch.cuda.is_available():
         sys.exit("bench/moba.py: needs CUDA (a GPU); nothing was measured")
     meta = run_meta()
-    impls = ["(ours)", *args.impls.split(",")] if args.impls else []
+    impls = args.impls.split(",") if args.impls else []
     rows = []
     for shape in todo:  # results written after each shape: a run cut short keeps what it measured
         rows += bench_shape(*shape, impls)

@@ -33,10 +33,15 @@ class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake; the message is a single line naming the key."""
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str, choices: Optional[dict[str, str]] = None) -> Any:
+    """A config field with its meaning (`help`) and, for a string key, its allowed values, each with an optional
+    note: the one source of the values that `validate` accepts and `--help` lists."""
+    if choices:
+        help += ": " + " | ".join(f"{value} ({note})" if note else value for value, note in choices.items())
+    metadata = {"help": help, "choices": tuple(choices or ())}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -50,11 +55,12 @@ class ModelConfig:
     d_ff: int = _f(512, "hidden width of the dense SwiGLU FFN (layers without MoE)")
     max_seq_len: int = _f(256, "longest sequence the model is run on")
     attention_window: int = _f(0, "sliding-window attention width (Mistral-style); 0 = full causal")
-    attention: str = _f("full", "full (causal) | moba (mixture of block attention, the moba.* keys)")
+    attention: str = _f("full", "attention", {"full": "causal", "moba": "mixture of block attention, the moba.* keys"})
     qk_norm: bool = _f(False, "RMSNorm each head's q and k over head_dim before RoPE (Qwen3), eps = norm_eps")
     rope_theta: float = _f(10000.0, "RoPE base")
     # RoPE scaling keys are transformers' rope_parameters names with a rope_ prefix (docs/export.md)
-    rope_scaling: str = _f("none", "context extension: none | linear | ntk | yarn (transformers' rope_type)")
+    rope_scaling: str = _f("none", "context extension (transformers' rope_type)",
+                           {"none": "", "linear": "", "ntk": "", "yarn": ""})
     rope_factor: float = _f(1.0, "scale s = target context / original context")
     rope_original_max_position_embeddings: int = _f(256, "context length the model was (pre)trained at")
     rope_beta_fast: float = _f(32.0, "YaRN: rotations above which a dimension is left unscaled")
@@ -69,6 +75,24 @@ class ModelConfig:
     tie_embeddings: bool = _f(True, "share the input embedding with the output projection")
 
 
+def _check_model(cfg: Config, need: _Need) -> None:
+    m = cfg.model
+    need.positive("model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_ff",
+                  "model.max_seq_len")
+    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", f"a divisor of model.num_heads={m.num_heads}")
+    need(m.head_dim > 0 or m.d_model % m.num_heads == 0, "model.num_heads",
+         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+    need(m.head_dim >= 0 and (m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model.head_dim",
+         "an even head width (RoPE rotates pairs)")
+    need(m.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive integer")
+    need(m.attention_window >= 0, "model.attention_window", "0 (off) or a positive window")
+    need(m.rope_factor >= 1.0, "model.rope_factor", ">= 1 (1 = no scaling)")
+    need(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "> model.rope_beta_slow > 0")
+    for key in ("model.rope_attention_factor", "model.rope_mscale", "model.rope_mscale_all_dim"):
+        need(_get(cfg, key) >= 0, key, ">= 0 (0 = unset)")
+    need(m.rope_theta > 0, "model.rope_theta", "a positive base")
+
+
 @dataclass
 class MoEConfig:
     num_experts: int = _f(8, "experts per MoE layer")
@@ -79,20 +103,23 @@ class MoEConfig:
     eval_capacity_factor: float = _f(2.0, "capacity factor used in eval mode")
     min_capacity: int = _f(4, "lower bound on the per-expert capacity")
     dropless: bool = _f(False, "never drop tokens (capacity = whatever arrives)")
-    drop_policy: str = _f("position", "which tokens overflow first: position (later tokens) | probs (lowest gate)")
-    overflow: str = _f("drop", "an assignment over capacity: drop | reroute (to its token's next-best expert "
-                               "with room)")
+    drop_policy: str = _f("position", "which tokens overflow first",
+                          {"position": "later tokens", "probs": "lowest gate"})
+    overflow: str = _f("drop", "an assignment over capacity",
+                       {"drop": "", "reroute": "to its token's next-best expert with room"})
     reroute_tries: int = _f(2, "overflow=reroute: rounds of moving to the next-best expert with room, then drop")
-    routing: str = _f("token_choice", "token_choice (each token picks k experts) | expert_choice (each expert picks "
-                                      "its top-C tokens of the rank's batch; not causal, see docs/routing.md)")
-    score: str = _f("softmax", "router scores: softmax | sigmoid (DeepSeek-V3: top-k weights normalised to sum 1)")
-    balance: str = _f("aux", "load balancing: aux (loss) | aux_free (selection bias) | both | none")
-    aux_loss_scope: str = _f("micro_batch", "aux loss load fractions over: micro_batch | sequence | global_batch "
-                                            "(all-reduced over the data-parallel ranks)")
+    routing: str = _f("token_choice", "who picks", {
+        "token_choice": "each token picks k experts",
+        "expert_choice": "each expert picks its top-C tokens of the rank's batch; not causal, see docs/routing.md"})
+    score: str = _f("softmax", "router scores",
+                    {"softmax": "", "sigmoid": "DeepSeek-V3: top-k weights normalised to sum 1"})
+    balance: str = _f("aux", "load balancing", {"aux": "loss", "aux_free": "selection bias", "both": "", "none": ""})
+    aux_loss_scope: str = _f("micro_batch", "aux loss load fractions over", {
+        "micro_batch": "", "sequence": "", "global_batch": "all-reduced over the data-parallel ranks"})
     aux_loss_accumulate: bool = _f(False, "aux_loss_scope=global_batch: also accumulate the load fractions over "
                                           "the step's micro batches")
     bias_update_rate: float = _f(1e-3, "balance=aux_free|both: gamma of bias += gamma * sign(mean load - load)")
-    noise: str = _f("none", "router noise: none | learned (Shazeer 2017) | jitter | rsample (DeepSpeed)")
+    noise: str = _f("none", "router noise", {"none": "", "learned": "Shazeer 2017", "jitter": "", "rsample": "DeepSpeed"})
     noise_eps: float = _f(1e-2, "jitter: multiplicative noise range on the router input")
     normalize_weights: bool = _f(True, "renormalise the k kept gate weights to sum to 1 (k >= 2)")
     aux_loss_coef: float = _f(0.01, "Switch load-balancing loss coefficient (balance=aux|both)")
@@ -100,13 +127,62 @@ class MoEConfig:
     shared_expert: bool = _f(False, "add a dense shared expert beside the routed ones")
     ep_size: int = _f(1, "expert-parallel size: experts are split over this many ranks")
     a2a_chunks: int = _f(1, "EP exchange in this many chunks of local experts, overlapped with expert compute")
-    exchange: str = _f("ragged", "EP exchange layout: ragged (kept rows, one host sync per layer) | padded "
-                                 "(capacity slots per expert, sync-free; dropless pads to the token count) | "
-                                 "bounded (dropless: a learned bound of rows per peer, one host sync per forward)")
+    exchange: str = _f("ragged", "EP exchange layout", {
+        "ragged": "kept rows, one host sync per layer",
+        "padded": "capacity slots per expert, sync-free; dropless pads to the token count",
+        "bounded": "dropless: a learned bound of rows per peer, one host sync per forward"})
     bound_factor: float = _f(1.25, "exchange=bounded: first bound on rows per peer, x the balanced load (grows "
                                    "when a forward overflows it, which is then redone)")
-    a2a: str = _f("flat", "EP all-to-all: flat | hierarchical (inside each node, then once across nodes)")
-    impl: str = _f("dist_moe", "MoE implementation: dist_moe | deepspeed (deepspeed.moe.layer.MoE baseline)")
+    a2a: str = _f("flat", "EP all-to-all", {"flat": "", "hierarchical": "inside each node, then once across nodes"})
+    impl: str = _f("dist_moe", "MoE implementation",
+                   {"dist_moe": "", "deepspeed": "deepspeed.moe.layer.MoE baseline"})
+
+
+def _check_moe(cfg: Config, need: _Need) -> None:
+    moe = cfg.moe
+    need.positive("moe.num_experts", "moe.top_k", "moe.ep_size")
+    need(moe.top_k <= moe.num_experts, "moe.top_k", f"<= moe.num_experts={moe.num_experts}")
+    need(moe.num_experts % moe.ep_size == 0, "moe.ep_size", f"a divisor of moe.num_experts={moe.num_experts}")
+    need(1 <= moe.a2a_chunks <= moe.num_experts // moe.ep_size, "moe.a2a_chunks",
+         f"1 .. experts per rank ({moe.num_experts // moe.ep_size})")
+    need(moe.moe_every >= 0, "moe.moe_every", "0 (dense) or a positive interval")
+    need(moe.capacity_factor > 0 and moe.eval_capacity_factor > 0, "moe.capacity_factor", "> 0")
+    need(moe.min_capacity >= 0, "moe.min_capacity", ">= 0")
+    need(moe.d_expert >= 0, "moe.d_expert", "0 (= model.d_ff) or a positive width")
+    need(moe.reroute_tries >= 1, "moe.reroute_tries", ">= 1")
+    need(moe.bias_update_rate >= 0, "moe.bias_update_rate", ">= 0")
+    need(moe.noise != "rsample" or (moe.score == "softmax" and moe.balance in ("aux", "none")), "moe.noise",
+         "jitter or none with moe.score=sigmoid or a selection bias (rsample's Gumbel-max samples the softmax "
+         "of the logits; the presets set rsample)")
+    need(moe.routing == "token_choice" or moe.balance == "none", "moe.balance",
+         "'none' with moe.routing=expert_choice (every expert takes exactly its capacity)")
+    need(not moe.aux_loss_accumulate or moe.aux_loss_scope == "global_batch", "moe.aux_loss_accumulate",
+         "false unless moe.aux_loss_scope=global_batch (only the global-batch loss accumulates)")
+    need(moe.balance in ("aux", "both") or moe.aux_loss_scope == "micro_batch", "moe.aux_loss_scope",
+         f"micro_batch with moe.balance={moe.balance} (no aux loss)")
+    need(moe.exchange != "bounded" or moe.dropless, "moe.exchange",
+         "ragged or padded unless moe.dropless=true (bounded is for dropless; with a capacity padded is exact "
+         "and needs no host sync)")
+    need(moe.bound_factor > 0, "moe.bound_factor", "> 0")
+    need(moe.routing == "token_choice" or not moe.dropless, "moe.dropless",
+         "false with moe.routing=expert_choice (each expert takes exactly its capacity)")
+
+
+def _check_moe_impl(cfg: Config, need: _Need) -> None:
+    """moe.impl=deepspeed: only what DeepSpeed's own MoE layer does."""
+    moe = cfg.moe
+    if moe.impl != "deepspeed":
+        return
+    need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
+    need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
+    for key, baseline in (("moe.overflow", "drop"), ("moe.routing", "token_choice"), ("moe.score", "softmax"),
+                          ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
+        need(_get(cfg, key) == baseline, key, f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
+    need(moe.drop_policy == "position", "moe.drop_policy",
+         "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
+    for key, baseline in (("moe.exchange", "ragged"), ("moe.a2a", "flat"), ("moe.a2a_chunks", 1)):
+        need(_get(cfg, key) == baseline, key,
+             f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's MoE layer runs its own all-to-all)")
 
 
 @dataclass
@@ -115,6 +191,18 @@ class MoBAConfig:
     top_k: int = _f(3, "past blocks each query attends to, besides its own (causal) block")
     key_conv: int = _f(0, "causal depthwise convolution on the keys (FlashMoBA's kconv): 0 (off), 3 or 5 taps")
     full_attention_last_layers: int = _f(0, "the last N layers keep full attention (MoBA's hybrid recipe)")
+
+
+def _check_moba(cfg: Config, need: _Need) -> None:
+    if cfg.model.attention != "moba":
+        return
+    need(cfg.moba.block_size >= 16 and cfg.moba.block_size % 16 == 0, "moba.block_size",
+         "a positive multiple of 16 (the kernels' tiles divide it)")
+    need(cfg.moba.top_k >= 1, "moba.top_k", "a positive number of blocks")
+    need(cfg.moba.key_conv in (0, 3, 5), "moba.key_conv", "0 (off), 3 or 5")
+    need(0 <= cfg.moba.full_attention_last_layers <= cfg.model.num_layers, "moba.full_attention_last_layers",
+         f"between 0 and model.num_layers={cfg.model.num_layers}")
+    need(cfg.model.attention_window == 0, "model.attention_window", "0 with model.attention=moba")
 
 
 @dataclass
@@ -143,6 +231,21 @@ class DataConfig:
     prefs: str = _f("", "dpo: preference pairs, a .jsonl of {prompt, chosen, rejected} rows")
 
 
+def _check_data(cfg: Config, need: _Need) -> None:
+    d = cfg.data
+    need.positive("data.seq_len", "data.vocab_size")
+    need(d.seq_len <= cfg.model.max_seq_len, "data.seq_len", f"<= model.max_seq_len={cfg.model.max_seq_len}")
+    need(0 < d.val_fraction < 0.5, "data.val_fraction", "a fraction in (0, 0.5)")
+    need(d.vocab_size >= 256, "data.vocab_size", ">= 256")
+    need(d.shard_mb > 0, "data.shard_mb", "a positive size in MB")
+    need(d.ray_threshold_mb >= 0, "data.ray_threshold_mb", ">= 0 (0 = always Ray Data)")
+    for i, source in enumerate(d.sources):
+        need(bool(source.path), "data.sources", f"a path in every source (source {i} has none)")
+        need(source.weight >= 0, "data.sources", f"weights >= 0 (source {i}: {source.weight})")
+    need(not d.sources or any(s.weight > 0 for s in d.sources), "data.sources", "at least one weight > 0")
+    need(cfg.objective != "dpo" or bool(d.prefs), "data.prefs", "a .jsonl file of preference pairs with objective=dpo")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = _f(300, "optimizer steps")
@@ -155,24 +258,49 @@ class TrainConfig:
     beta1: float = _f(0.9, "AdamW beta1")
     beta2: float = _f(0.95, "AdamW beta2")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
-    precision: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
-    grad_accum_dtype: str = _f("auto", "dtype micro-step gradients are summed in: auto (fp32, except bf16 under "
-                                       "ZeRO-0/1, where DeepSpeed cannot) | fp32 | bf16")
+    precision: str = _f("auto", "parameter precision", {"auto": "bf16 on GPU, fp32 on CPU", "fp32": "", "bf16": ""})
+    grad_accum_dtype: str = _f("auto", "dtype micro-step gradients are summed in", {
+        "auto": "fp32, except bf16 under ZeRO-0/1, where DeepSpeed cannot", "fp32": "", "bf16": ""})
     zero_stage: int = _f(0, "DeepSpeed ZeRO stage: 0, 1 or 2")
     seed: int = _f(1337, "seed for weights, data order and router noise")
     eval_every: int = _f(50, "evaluate on the val split every N steps (and at the end)")
     eval_batches: int = _f(8, "micro batches per evaluation")
-    device: str = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", "where to train", {"auto": "", "cpu": "", "cuda": ""})
+
+
+def _check_train(cfg: Config, need: _Need) -> None:
+    t = cfg.train
+    need.positive("train.max_steps", "train.micro_batch_size", "train.grad_accum_steps", "train.eval_batches")
+    need(t.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
+    need(t.lr > 0, "train.lr", "a positive learning rate")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a ratio in [0, 1]")
+    need(t.warmup_steps >= 0, "train.warmup_steps", ">= 0")
+    need(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 = off)")
 
 
 @dataclass
 class DPOConfig:
     parent: str = _f("", "the run DPO starts from (set by `dist-moe dpo RUN_DIR`)")
     parent_checkpoint: str = _f("", "that run's checkpoint: the policy's start and the frozen reference")
-    loss: str = _f("sigmoid", "sigmoid (DPO, Rafailov et al. 2023) | ipo (Azar et al. 2023)")
+    loss: str = _f("sigmoid", "preference loss", {"sigmoid": "DPO, Rafailov et al. 2023", "ipo": "Azar et al. 2023"})
     beta: float = _f(0.1, "how far the policy may move from the reference (IPO: its tau)")
     label_smoothing: float = _f(0.0, "sigmoid: probability a label is flipped (conservative DPO), in [0, 0.5)")
     val_fraction: float = _f(0.05, "fraction of preference pairs held out for evaluation")
+
+
+def _check_dpo(cfg: Config, need: _Need) -> None:
+    dpo = cfg.dpo
+    if cfg.objective == "dpo":
+        need(cfg.moe.exchange == "ragged" or cfg.moe.ep_size == 1, "moe.exchange",
+             "ragged with objective=dpo and moe.ep_size > 1 (each rank pads its pairs to its own longest row, and "
+             "the padded and bounded exchanges need every rank of the EP group to feed the same token count)")
+        need(bool(dpo.parent and dpo.parent_checkpoint), "dpo.parent",
+             "the run DPO starts from (start DPO with `dist-moe dpo RUN_DIR`)")
+    need(dpo.beta > 0, "dpo.beta", "> 0")
+    need(0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a probability in [0, 0.5)")
+    need(dpo.label_smoothing == 0 or dpo.loss == "sigmoid", "dpo.label_smoothing",
+         "0 with dpo.loss=ipo (label smoothing is conservative DPO, a sigmoid-loss variant)")
+    need(0 < dpo.val_fraction < 0.5, "dpo.val_fraction", "a fraction in (0, 0.5)")
 
 
 @dataclass
@@ -183,6 +311,12 @@ class CheckpointConfig:
     keep: int = _f(3, "complete checkpoints kept in the run dir")
 
 
+def _check_ckpt(cfg: Config, need: _Need) -> None:
+    need(cfg.ckpt.keep >= 1, "ckpt.keep", ">= 1")
+    need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
+    need(cfg.ckpt.every_minutes >= 0, "ckpt.every_minutes", "0 (off) or a positive number of minutes")
+
+
 @dataclass
 class LogConfig:
     every: int = _f(10, "print and log scalars every N steps")
@@ -190,9 +324,13 @@ class LogConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files to RUN_DIR/tb")
 
 
+def _check_log(cfg: Config, need: _Need) -> None:
+    need.positive("log.every", "log.expert_every")
+
+
 @dataclass
 class ClusterConfig:
-    kind: str = _f("local", "local (this process / --nproc) | ray (Ray Train workers)")
+    kind: str = _f("local", "launcher", {"local": "this process / --nproc", "ray": "Ray Train workers"})
     num_workers: int = _f(1, "workers (ranks) for cluster.kind=ray")
     use_gpu: bool = _f(False, "one GPU per Ray worker")
     address: str = _f("", "Ray cluster address; empty = start a local one on the fly")
@@ -205,12 +343,29 @@ class ClusterConfig:
     resize_check_s: float = _f(60.0, "elastic: seconds between Ray Train's checks for nodes that came back")
 
 
+def _check_cluster(cfg: Config, need: _Need) -> None:
+    c = cfg.cluster
+    need.positive("cluster.num_workers")
+    need(c.hang_timeout_s > 0, "cluster.hang_timeout_s", "a positive number of seconds")
+    need(c.stop_timeout_s >= 1, "cluster.stop_timeout_s", "a positive number of seconds")
+    need(0 <= c.min_workers <= c.num_workers, "cluster.min_workers", f"0 (off) to cluster.num_workers={c.num_workers}")
+    global_micro_batch = cfg.train.micro_batch_size * c.num_workers
+    need(all(global_micro_batch % n == 0 for n in range(c.min_workers or c.num_workers, c.num_workers + 1)),
+         "cluster.min_workers", f"a worker count from which every count up to cluster.num_workers divides the "
+                                f"global micro batch train.micro_batch_size * cluster.num_workers = {global_micro_batch}")
+    need(c.resize_check_s > 0, "cluster.resize_check_s", "a positive interval")
+
+
 @dataclass
 class InitConfig:
     from_hf: str = _f("", "start from a transformers MoE folder (Mixtral, Qwen2-MoE, Qwen3-MoE): its shape, "
                           "weights, tokenizer")
     upcycle_from: str = _f("", "start from a dense transformers Llama or Qwen3 folder: every expert a copy of its "
                                "FFN (sparse upcycling; needs moe.top_k >= 2)")
+
+
+def _check_init(cfg: Config, need: _Need) -> None:
+    need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
 
 
 @dataclass
@@ -226,31 +381,12 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     init: InitConfig = field(default_factory=InitConfig)
     run_dir: str = _f("", "where this run writes everything; empty = runs/<timestamp>")
-    resume: str = _f("never", "never | auto (continue from run_dir's latest checkpoint if there is one)")
-    objective: str = _f("lm", "lm (next-token pretraining) | dpo (preference tuning; set by `dist-moe dpo`)")
+    resume: str = _f("never", "continue a run",
+                     {"never": "", "auto": "continue from run_dir's latest checkpoint if there is one"})
+    objective: str = _f("lm", "what to optimise",
+                        {"lm": "next-token pretraining", "dpo": "preference tuning; set by `dist-moe dpo`"})
 
 
-CHOICES = {
-    "model.rope_scaling": ("none", "linear", "ntk", "yarn"),
-    "model.attention": ("full", "moba"),
-    "moe.drop_policy": ("position", "probs"),
-    "moe.noise": ("none", "learned", "jitter", "rsample"),
-    "moe.overflow": ("drop", "reroute"),
-    "moe.routing": ("token_choice", "expert_choice"),
-    "moe.score": ("softmax", "sigmoid"),
-    "moe.balance": ("aux", "aux_free", "both", "none"),
-    "moe.aux_loss_scope": ("micro_batch", "sequence", "global_batch"),
-    "moe.impl": ("dist_moe", "deepspeed"),
-    "moe.exchange": ("ragged", "padded", "bounded"),
-    "moe.a2a": ("flat", "hierarchical"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.grad_accum_dtype": ("auto", "fp32", "bf16"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "cluster.kind": ("local", "ray"),
-    "resume": ("never", "auto"),
-    "objective": ("lm", "dpo"),
-    "dpo.loss": ("sigmoid", "ipo"),
-}
 
 
 def resolve_preset(name_or_path: str) -> Path:
@@ -363,117 +499,41 @@ def _field_type(key: str) -> str:
     return ""
 
 
-def validate(cfg: Config) -> None:
-    """Impossible combinations, each reported as one line naming the key."""
+class _Need:
+    """need(ok, key, expected): a ConfigError naming `key`, its value and what was expected, unless ok."""
 
-    def need(ok: bool, key: str, expected: str) -> None:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def __call__(self, ok: bool, key: str, expected: str) -> None:
         if not ok:
-            raise ConfigError(f"config key '{key}' = {_get(cfg, key)!r}: expected {expected}")
+            raise ConfigError(f"config key '{key}' = {_get(self.cfg, key)!r}: expected {expected}")
 
-    for key, allowed in CHOICES.items():
+    def positive(self, *keys: str) -> None:
+        for key in keys:
+            self(_get(self.cfg, key) >= 1, key, "a positive integer")
+
+
+def validate(cfg: Config) -> None:
+    """Impossible combinations, each reported as one line naming the key: the allowed values of every key
+    with choices, then each section's checks (beside its dataclass above)."""
+    need = _Need(cfg)
+    for key, allowed in _choice_keys():
         need(_get(cfg, key) in allowed, key, "one of " + " | ".join(allowed))
-    m, moe, d, t = cfg.model, cfg.moe, cfg.data, cfg.train
-    for key in ("model.d_model", "model.num_layers", "model.num_heads", "model.num_kv_heads",
-                "model.d_ff", "model.max_seq_len", "data.seq_len", "data.vocab_size", "train.max_steps",
-                "train.micro_batch_size", "train.grad_accum_steps", "moe.num_experts", "moe.top_k",
-                "moe.ep_size", "cluster.num_workers", "log.every", "log.expert_every", "train.eval_batches"):
-        need(_get(cfg, key) >= 1, key, "a positive integer")
-    need(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", f"a divisor of model.num_heads={m.num_heads}")
-    need(m.head_dim > 0 or m.d_model % m.num_heads == 0, "model.num_heads",
-         f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
-    need(m.head_dim >= 0 and (m.head_dim or m.d_model // m.num_heads) % 2 == 0, "model.head_dim",
-         "an even head width (RoPE rotates pairs)")
-    need(m.vocab_size >= 0, "model.vocab_size", "0 (from the tokenizer) or a positive integer")
-    need(d.seq_len <= m.max_seq_len, "data.seq_len", f"<= model.max_seq_len={m.max_seq_len}")
-    need(m.attention_window >= 0, "model.attention_window", "0 (off) or a positive window")
-    need(m.rope_factor >= 1.0, "model.rope_factor", ">= 1 (1 = no scaling)")
-    need(m.rope_beta_fast > m.rope_beta_slow > 0, "model.rope_beta_fast", "> model.rope_beta_slow > 0")
-    for key in ("model.rope_attention_factor", "model.rope_mscale", "model.rope_mscale_all_dim"):
-        need(_get(cfg, key) >= 0, key, ">= 0 (0 = unset)")
-    need(m.rope_theta > 0, "model.rope_theta", "a positive base")
-    need(moe.top_k <= moe.num_experts, "moe.top_k", f"<= moe.num_experts={moe.num_experts}")
-    need(moe.num_experts % moe.ep_size == 0, "moe.ep_size", f"a divisor of moe.num_experts={moe.num_experts}")
-    need(1 <= moe.a2a_chunks <= moe.num_experts // moe.ep_size, "moe.a2a_chunks",
-         f"1 .. experts per rank ({moe.num_experts // moe.ep_size})")
-    need(moe.moe_every >= 0, "moe.moe_every", "0 (dense) or a positive interval")
-    need(moe.capacity_factor > 0 and moe.eval_capacity_factor > 0, "moe.capacity_factor", "> 0")
-    need(moe.min_capacity >= 0, "moe.min_capacity", ">= 0")
-    need(moe.d_expert >= 0, "moe.d_expert", "0 (= model.d_ff) or a positive width")
-    need(moe.reroute_tries >= 1, "moe.reroute_tries", ">= 1")
-    need(moe.bias_update_rate >= 0, "moe.bias_update_rate", ">= 0")
-    need(moe.noise != "rsample" or (moe.score == "softmax" and moe.balance in ("aux", "none")), "moe.noise",
-         "jitter or none with moe.score=sigmoid or a selection bias (rsample's Gumbel-max samples the softmax "
-         "of the logits; the presets set rsample)")
-    need(moe.routing == "token_choice" or moe.balance == "none", "moe.balance",
-         "'none' with moe.routing=expert_choice (every expert takes exactly its capacity)")
-    need(not moe.aux_loss_accumulate or moe.aux_loss_scope == "global_batch", "moe.aux_loss_accumulate",
-         "false unless moe.aux_loss_scope=global_batch (only the global-batch loss accumulates)")
-    need(moe.balance in ("aux", "both") or moe.aux_loss_scope == "micro_batch", "moe.aux_loss_scope",
-         f"micro_batch with moe.balance={moe.balance} (no aux loss)")
-    need(moe.exchange != "bounded" or moe.dropless, "moe.exchange",
-         "ragged or padded unless moe.dropless=true (bounded is for dropless; with a capacity padded is exact "
-         "and needs no host sync)")
-    need(moe.bound_factor > 0, "moe.bound_factor", "> 0")
-    need(moe.routing == "token_choice" or not moe.dropless, "moe.dropless",
-         "false with moe.routing=expert_choice (each expert takes exactly its capacity)")
-    need(t.zero_stage in (0, 1, 2), "train.zero_stage", "0, 1 or 2")
-    need(t.lr > 0, "train.lr", "a positive learning rate")
-    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "a ratio in [0, 1]")
-    need(t.warmup_steps >= 0, "train.warmup_steps", ">= 0")
-    need(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 = off)")
-    need(0 < d.val_fraction < 0.5, "data.val_fraction", "a fraction in (0, 0.5)")
-    need(d.vocab_size >= 256, "data.vocab_size", ">= 256")
-    need(d.shard_mb > 0, "data.shard_mb", "a positive size in MB")
-    need(d.ray_threshold_mb >= 0, "data.ray_threshold_mb", ">= 0 (0 = always Ray Data)")
-    for i, source in enumerate(d.sources):
-        need(bool(source.path), f"data.sources", f"a path in every source (source {i} has none)")
-        need(source.weight >= 0, "data.sources", f"weights >= 0 (source {i}: {source.weight})")
-    need(not d.sources or any(s.weight > 0 for s in d.sources), "data.sources", "at least one weight > 0")
-    need(cfg.ckpt.keep >= 1, "ckpt.keep", ">= 1")
-    need(cfg.cluster.hang_timeout_s > 0, "cluster.hang_timeout_s", "a positive number of seconds")
-    need(cfg.ckpt.every >= 0, "ckpt.every", "0 (only at the end) or a positive interval")
-    need(not (cfg.init.from_hf and cfg.init.upcycle_from), "init.upcycle_from", "empty when init.from_hf is set")
-    need(cfg.cluster.stop_timeout_s >= 1, "cluster.stop_timeout_s", "a positive number of seconds")
-    need(cfg.ckpt.every_minutes >= 0, "ckpt.every_minutes", "0 (off) or a positive number of minutes")
-    if m.attention == "moba":
-        need(cfg.moba.block_size >= 16 and cfg.moba.block_size % 16 == 0, "moba.block_size",
-             "a positive multiple of 16 (the kernels' tiles divide it)")
-        need(cfg.moba.top_k >= 1, "moba.top_k", "a positive number of blocks")
-        need(cfg.moba.key_conv in (0, 3, 5), "moba.key_conv", "0 (off), 3 or 5")
-        need(0 <= cfg.moba.full_attention_last_layers <= m.num_layers, "moba.full_attention_last_layers",
-             f"between 0 and model.num_layers={m.num_layers}")
-        need(m.attention_window == 0, "model.attention_window", "0 with model.attention=moba")
-    c = cfg.cluster
-    need(0 <= c.min_workers <= c.num_workers, "cluster.min_workers", f"0 (off) to cluster.num_workers={c.num_workers}")
-    global_micro_batch = t.micro_batch_size * c.num_workers
-    need(all(global_micro_batch % n == 0 for n in range(c.min_workers or c.num_workers, c.num_workers + 1)),
-         "cluster.min_workers", f"a worker count from which every count up to cluster.num_workers divides the "
-                                f"global micro batch train.micro_batch_size * cluster.num_workers = {global_micro_batch}")
-    need(c.resize_check_s > 0, "cluster.resize_check_s", "a positive interval")
-    if cfg.objective == "dpo":
-        need(bool(d.prefs), "data.prefs", "a .jsonl file of preference pairs with objective=dpo")
-        need(moe.exchange == "ragged" or moe.ep_size == 1, "moe.exchange",
-             "ragged with objective=dpo and moe.ep_size > 1 (each rank pads its pairs to its own longest row, and "
-             "the padded and bounded exchanges need every rank of the EP group to feed the same token count)")
-        need(bool(cfg.dpo.parent and cfg.dpo.parent_checkpoint), "dpo.parent",
-             "the run DPO starts from (start DPO with `dist-moe dpo RUN_DIR`)")
-    need(cfg.dpo.beta > 0, "dpo.beta", "> 0")
-    need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "a probability in [0, 0.5)")
-    need(cfg.dpo.label_smoothing == 0 or cfg.dpo.loss == "sigmoid", "dpo.label_smoothing",
-         "0 with dpo.loss=ipo (label smoothing is conservative DPO, a sigmoid-loss variant)")
-    need(0 < cfg.dpo.val_fraction < 0.5, "dpo.val_fraction", "a fraction in (0, 0.5)")
-    if moe.impl == "deepspeed":
-        need(moe.top_k <= 2, "moe.top_k", "1 or 2 with moe.impl=deepspeed (DeepSpeed's MoE layer gates top-1/top-2)")
-        need(moe.noise in ("none", "jitter", "rsample"), "moe.noise", "none | jitter | rsample with moe.impl=deepspeed")
-        for key, baseline in (("moe.overflow", "drop"), ("moe.routing", "token_choice"), ("moe.score", "softmax"),
-                              ("moe.balance", "aux"), ("moe.aux_loss_scope", "micro_batch")):
-            need(_get(cfg, key) == baseline, key,
-                 f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's gating has only that)")
-        need(moe.drop_policy == "position", "moe.drop_policy",
-             "'position' with moe.impl=deepspeed (DeepSpeed's top-1/top-2 gating drops by position)")
-        for key, baseline in (("moe.exchange", "ragged"), ("moe.a2a", "flat"), ("moe.a2a_chunks", 1)):
-            need(_get(cfg, key) == baseline, key,
-                 f"{baseline!r} with moe.impl=deepspeed (DeepSpeed's MoE layer runs its own all-to-all)")
+    for check in (_check_model, _check_moe, _check_moe_impl, _check_moba, _check_data, _check_train, _check_ckpt,
+                  _check_log, _check_cluster, _check_dpo, _check_init):
+        check(cfg, need)
+
+
+def _choice_keys(cls: Optional[type] = None, prefix: str = "") -> list[tuple[str, tuple[str, ...]]]:
+    """(dotted key, allowed values) of every field declared with choices."""
+    keys = []
+    for f in dataclasses.fields(cls or Config):
+        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            keys += _choice_keys(f.default_factory, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        elif f.metadata.get("choices"):
+            keys.append((prefix + f.name, f.metadata["choices"]))
+    return keys
 
 
 def fit_to_workers(cfg: Config, num_workers: int) -> Config:
@@ -616,22 +676,3 @@ def grad_accum_dtype(cfg: Config, device_type: str) -> str:
     if choice == "auto":
         return "bf16" if bf16 and stage != 2 else "fp32"
     return choice
-
-
-def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
-    """The DeepSpeed JSON config this run hands to deepspeed.initialize."""
-    t = cfg.train
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg, device_type)},
-        "steps_per_print": 10**9,  # dist_moe prints its own progress
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO-1/2
-    }
-    if grad_accum_dtype(cfg, device_type) == "fp32" and use_bf16(cfg, device_type):
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's default is the parameters' dtype
-    return ds

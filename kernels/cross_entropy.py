@@ -8,13 +8,13 @@ per logit. Here the forward reads the logits once (an online logsumexp in float3
 row; the backward reads them once more and writes softmax - one_hot in the logits' dtype: 6 bytes moved per
 logit, and only the logits held. A target outside [0, V) gives a NaN loss (PyTorch's path raises).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .runtime import runs_kernels
+
 BLOCK_V = 4096  # logits a program reads at a time (the vocabulary is walked in blocks of this many)
 
 
@@ -81,7 +81,7 @@ class _CrossEntropy(torch.autograd.Function):
 def supports(logits: torch.Tensor, targets: torch.Tensor) -> bool:
     """logits (N, V) float16/bfloat16/float32 with unit last stride and N >= 1, targets (N,) integer, both on
     CUDA (or on CPU under TRITON_INTERPRET=1)."""
-    on_device = logits.is_cuda or (_INTERPRET and logits.device.type == "cpu")
+    on_device = runs_kernels(logits)
     return (on_device and logits.dim() == 2 and logits.shape[0] > 0 and logits.stride(-1) == 1
             and logits.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and targets.shape == logits.shape[:1] and targets.dtype in (torch.int32, torch.int64)

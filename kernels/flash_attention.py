@@ -23,9 +23,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_GLUON = triton.__version__.startswith("3.6.") and not _INTERPRET
-if _GLUON:
+from .runtime import GLUON, INTERPRET, runs_kernels
+
+if GLUON:
     from .flash_attention_gluon import flash_attention_forward_gluon
 _QUERY_SIDE = ("Q", "O", "DO", "DQ")  # descriptors tiled by BLOCK_M; the others (K, V, DK, DV) by BLOCK_N
 
@@ -41,7 +41,7 @@ def _configs(tiles, fp32_tile, interpreted):
     """Autotune space of (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]): the fp32 tile first, then the
     16-bit tiles (_prune picks by dtype); a single small tile under the interpreter. A register cap lets two
     CTAs share an SM, so one's softmax runs while the other's matmuls do (ping-pong by occupancy)."""
-    if _INTERPRET:
+    if INTERPRET:
         tiles, fp32_tile = [], interpreted
     return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
                           maxnreg=t[4] if len(t) > 4 else None, pre_hook=_set_block_shapes)
@@ -297,7 +297,7 @@ def _common(q, k, causal, window):
 def _gluon_forward_applies(q: torch.Tensor, window: int) -> bool:
     """The Gluon forward (flash_attention_gluon.py, FlashAttention-3 style) covers Hopper at D = 128 in 16 bits,
     causal or not, without a window; it is verified on Triton 3.6 only (Gluon's API moves between releases)."""
-    return (_GLUON and window == 0 and q.shape[3] == 128 and q.dtype in (torch.float16, torch.bfloat16)
+    return (GLUON and window == 0 and q.shape[3] == 128 and q.dtype in (torch.float16, torch.bfloat16)
             and q.is_cuda and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 
@@ -361,7 +361,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False
     (B, Hq, N, D), (Bk, Hkv, Nk, Dk) = q.shape, k.shape
     same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
-    on_device = q.is_cuda or (_INTERPRET and q.device.type == "cpu")
+    on_device = runs_kernels(q)
     return (same and on_device and B == Bk and N == Nk and N > 0 and D == Dk and D in HEAD_DIMS
             and Hkv > 0 and Hq % Hkv == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32))
 

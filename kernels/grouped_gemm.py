@@ -21,7 +21,6 @@ buffers.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,8 +28,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-GLUON = triton.__version__.startswith("3.6.") and not _INTERPRET  # Gluon's API moves between releases
+from .runtime import GLUON, INTERPRET, descriptor_scratch
+
 if GLUON:
     from .grouped_gemm_gluon import grouped_mm_gluon, grouped_mm_weight_grad_gluon  # noqa: F401
 
@@ -42,13 +41,13 @@ _GROUP_M = 8  # M-tiles that sweep N together, so their A rows and the expert's 
 
 
 def _tile() -> dict:
-    return dict(_INTERPRETER_TILE if _INTERPRET else _HOPPER_TILE)
+    return dict(_INTERPRETER_TILE if INTERPRET else _HOPPER_TILE)
 
 
 def tma_applies(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     """Whether grouped_mm runs for rows x and these weights: on a Hopper GPU, 16-bit, every dimension a multiple of
     8 (TMA's 16-byte strides)."""
-    if _INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
+    if INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] != 9:
         return False
     dims = [x.shape[-1]] + [d for w in weights for d in w.shape[1:]]
     return (x.dtype in (torch.float16, torch.bfloat16) and all(w.dtype == x.dtype for w in weights)
@@ -130,11 +129,6 @@ def _grouped_mm_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, num_m_tiles, 
             _store_rows(c_desc, C, N, acc.to(C.dtype.element_ty), row0, tn * BLOCK_N, row_end, N, BLOCK_M, BLOCK_N)
 
 
-def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors kernels make on the device (_store_rows here, _store_tile in Gluon)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Row segment e of x (R, K) times w[e] (K, N) -> (R, N) in x's dtype, for tiles = expert_tiles(segment
     sizes); w may be a transposed view of (E, N, K) weights, as for an input gradient. Rows past the segments are
@@ -147,9 +141,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, tiles: tuple[torch.Tensor, torc
     b_desc = desc(w.transpose(1, 2).reshape(E * N, K), [BN, BK]) if trans_b else desc(w.reshape(E * K, N), [BK, BN])
     out = x.new_empty(R, N)
     num_m_tiles = triton.cdiv(R, BM) + E  # static bound: each expert may start a fresh tile
-    sms = 4 if _INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = 4 if INTERPRET else torch.cuda.get_device_properties(x.device).multi_processor_count
     programs = max(1, min(sms, num_m_tiles * triton.cdiv(N, BN)))  # persistent: each strides over the tiles
-    if not _INTERPRET:
+    if not INTERPRET:
         triton.set_allocator(descriptor_scratch)
     _grouped_mm_kernel[(programs,)](desc(x, [BM, BK]), b_desc, desc(out, [BM, BN]), out, *tiles, num_m_tiles, N, K,
                                     E, TRANS_B=trans_b, GROUP_M=_GROUP_M, SEARCH_STEPS=E.bit_length(),

@@ -32,6 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .runtime import descriptor_scratch
+
 # Kernel arguments travel in tuples: descs = (a, b, c) tensor descriptors; smem = (a slots, b slots (STAGES, ...),
 # the output tile); bars = (ready, empty) mbarriers, one each a slot; plan = (ENDS, TILE_ENDS, E, N, K), the
 # segment and M-tile ends of `expert_tiles` and the GEMM's sizes.
@@ -203,7 +205,6 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 def _persistent_programs(device: torch.device, max_tiles: int) -> int:
     """One program an SM (fewer if there are fewer tiles), each striding over the tiles. Also gives Triton the
     global memory the kernels' device-made descriptors need."""
-    from .grouped_gemm import descriptor_scratch  # here: that module imports this one
     triton.set_allocator(descriptor_scratch)
     return max(1, min(torch.cuda.get_device_properties(device).multi_processor_count, max_tiles))
 

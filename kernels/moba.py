@@ -1,52 +1,8 @@
-"""MoBA (mixture of block attention) in Triton: the gate, a block-sparse forward, and its backward.
+"""MoBA (mixture of block attention) in Triton: the gate, and a block-sparse forward and backward whose work
+scales with the (query, chosen block) pairs (FlashMoBA's "collect and densify" order).
 
-`moba_attention(q, k, v, block_size, top_k)` must equal `dist_moe.model.moba.moba_attention_reference`:
-dense softmax attention under the MoBA mask, where query i sees the top_k past complete key blocks its gate
-chose (by q . mean(K_block)) and, causally, its own block. q is (B, Hq, N, D), k and v (B, Hkv, N, D);
-query head h reads key/value head h // (Hq // Hkv), and gates on its own (per query head, as MoBA does).
-Fp32 accumulation throughout; 16-bit operands go to the tensor cores as they are, fp32 ones in full precision.
-
-Gate: `_block_means` averages each complete key block; `_gate` scores a tile of queries against all past
-blocks, chunk by chunk, keeping a running top-k per query in registers (no (N, N / block) score matrix).
-
-Attention, two orders (`order=`, default ORDER). "tile" is the default: it passed on an H200. "gather" has
-passed under the interpreter and its sm_90 IR was read with the H200's Triton 3.6, but it has not run on a GPU
-since its fix (bench/results/experiments/moba_gathered_order.md); it becomes the default if bench/moba.py
-shows it right and faster there.
-- "gather", FlashMoBA's collect and densify: the work scales with the (query, chosen block) pairs.
-  `column_index` turns the choice around on the device (a stable sort per head: for each key block the
-  queries that chose it, ascending, cut at range boundaries). `_moba_fwd_gathered`: a program owns a range
-  of GATHER_RANGE_ROWS queries (whole MoBA blocks) of one head; for each past block it gathers the range's
-  queries that chose it into dense tiles (row offsets loaded from the index), runs them against the block,
-  and merges them into their running (m, l, acc) in an fp32 scratch (B, Hq, N, D + 2) that only this
-  program touches: an exact online softmax, no partial output per pair, no races. A last step runs the
-  range's own blocks causally through the same loop (one copy of the step's registers), then a pass
-  normalises and saves the base-2 log-sum-exp. `_moba_dq_gathered` walks the same way with a dQ scratch
-  (deterministic; fp32 atomics from the dK/dV kernel would save recomputing S and dP but add N * top_k * D
-  atomic adds per head and lose determinism). `_moba_dkdv_gathered` owns a key tile: for each query head
-  of its group, the own block's query tiles (causally) and then the block's whole column, gathered into
-  tiles, in one loop; dK, dV summed in registers, written once.
-- "tile": one program per query tile walks the union of its queries' choices with a per-query mask
-  (`_moba_fwd`, `_moba_dq`); `_moba_dkdv` finds its query tiles in a (tile x block) bitmap. No index, no
-  scratch, but a tile's union is nearly every past block when neighbouring queries choose independently.
-  Kept because it may win where the union is small (short N, correlated choices).
-Tiles per kernel are in TILES (module top). Compiled for sm_90 (triton 3.9, cuobjdump -res-usage, D = 128,
-bf16) the gathered kernels fit without spills: forward 64 x 64, 8 warps, 254 registers (wgmma); dQ 32 x 128,
-8 warps, 214; dK/dV 32 x 64, 4 warps, 239. K/V tiles of the forward and dQ load through tensor descriptors.
-
-Cost of "gather" per (query, chosen block) pair, D = 128, block 128, bf16, ranges of 512 rows, where a
-block gathers ~32 of a range's rows at 1/16 density (FLOPs: 4 * block * D = 65.5K forward, 14 * block * D
-backward):
-- forward: the gathered q row (2D bytes), its fp32 state read and written (8D + 16), its share of the
-  block's K and V (4 * block * D / 32 rows = 2 KB): ~3.3 KB, 20 FLOP/byte (28 with full 64-row tiles).
-  That is below an H200's compute/HBM ratio (~200): the forward leans on L2 holding a range's scratch
-  (512 rows * D * 4 = 256 KB per program) and the block's K/V (read by every range of the head in turn).
-- dQ (32-row tiles): q and dO (4D), scratch (8D), the K/V share (2 KB): ~3.6 KB for 6 * block * D FLOPs.
-- dK/dV: q and dO per key tile of 64 (4D bytes, twice per block of 128): ~1 KB for 8 * block * D FLOPs.
-- the index: rows (B * Hq, N * top_k) int32, 1 GB at N = 128K (block 128, top_k 64, B * Hq = 32), starts
-  (B * Hq, N / block, N / range + 1) int32, 34 MB there; the sort runs 2^25 pairs at a time (~1 GB of
-  temporaries). FlashMoBA uses 1024-row ranges at this sparsity (fuller tiles, twice the scratch per
-  program): GATHER_RANGE_ROWS is the knob, and bench/moba.py times both.
+`moba_attention` equals `dist_moe.model.moba.moba_attention_reference` (dense attention under the MoBA mask) in
+fp32 accumulation. docs/moba.md says how the kernels work, what they cost and what they measured.
 """
 import math
 import os
@@ -58,31 +14,28 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-ORDERS = ("gather", "tile")
-ORDER = "tile"  # moba_attention's default order (module doc)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# (query rows, keys, num_warps, num_stages) per order and kernel, guessed for 16-bit inputs on an H200:
-# compiled for sm_90 (triton 3.9) the gathered kernels fit these in registers without spilling, and 64-row
-# tiles run on wgmma. fp32 inputs (ieee dots, 3x the shared memory) take FP32_TILES. _tiles() cuts a side
-# to divide block_size.
-TILES = {"gather": {"forward": (64, 64, 8, 2), "dq": (32, 128, 8, 2), "dkdv": (32, 64, 4, 2)},
-         "tile": {"forward": (64, 64, 4, 3), "dq": (64, 64, 4, 2), "dkdv": (64, 64, 8, 2)}}
+# (query rows, keys, num_warps, num_stages) per kernel for 16-bit inputs: the least spilling on sm_90 with
+# triton 3.6 (dK/dV on 4 warps spilled 880 bytes per thread there); 64-row tiles run on wgmma. fp32 inputs
+# (ieee dots, 3x the shared memory) take FP32_TILES. _tiles() cuts a side to divide block_size.
+TILES = {"forward": (64, 64, 8, 2), "dq": (32, 128, 8, 2), "dkdv": (32, 64, 8, 2)}
 FP32_TILES = {kernel: (32, 32, 4, 2) for kernel in ("forward", "dq", "dkdv")}
 if _INTERPRET:  # small tiles, rows and keys unequal both ways, so that tests reach every tile shape
-    TILES = {order: {"forward": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)} for order in ORDERS}
-    FP32_TILES = TILES["gather"]
-# Queries one program of the gathered order owns (rounded to whole MoBA blocks): enough that a key block
-# gathers a tile of them at 1/16 density, few enough that their fp32 state stays near L2.
+    TILES = {"forward": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
+    FP32_TILES = TILES
+# Queries one program owns (rounded to whole MoBA blocks): enough that a key block gathers a tile of them at
+# 1/16 density, few enough that their fp32 state stays near L2.
 GATHER_RANGE_ROWS = 32 if _INTERPRET else 512
 # The gate's method (select_blocks): "kernel" (running top-k in registers) or "topk" (chunked scores + torch.topk).
-GATE_METHOD = "kernel"
+GATE_METHOD = "topk"
 
 
-def _gate_tile(block_size: int) -> int:
-    """The gate's query tile: the largest of 64, 32, 16 dividing block_size, 16 under the interpreter."""
+def _gate_tile(block_size: int) -> tuple[int, int]:
+    """(query rows, num_warps) of the gate: 32 rows on 8 warps keep the running top-k in registers up to
+    top_k 256 on sm_90 (64 rows on 4 warps spilled); 16 rows where the block needs it."""
     if _INTERPRET:
-        return 16
-    return next(t for t in (64, 32, 16) if block_size % t == 0)
+        return 16, 4
+    return (32, 8) if block_size % 32 == 0 else (16, 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,27 +77,25 @@ def _gate(Q, MEANS, CHOSEN, Hq, N, NUM_BLOCKS, GROUP, BLOCK_SIZE, HEAD_DIM: tl.c
                         mask=offs_b[:, None] < own, other=0.0)
         scores = tl.dot(q, tl.trans(means), input_precision="ieee")  # (BLOCK_M, BLOCK_B)
         scores = tl.where(offs_b[None, :] < own, scores, float("-inf"))
-        for _ in range(TOPK):  # a runtime loop: unrolled, top_k = 256 (512K tokens) compiles for minutes
-            top = tl.max(scores, axis=1)  # (BLOCK_M,)
+        top = tl.max(scores, axis=1)  # (BLOCK_M,)
+        worst = tl.min(best, axis=1)
+        # insert the chunk's best score while it beats some row's worst kept one: after the first chunks few
+        # scores do, so the loop runs far fewer than TOPK times (a fixed TOPK loop grew the gate with top_k)
+        while tl.max((top > worst).to(tl.int32), axis=0) > 0:
             top_index = tl.argmax(scores, axis=1)
-            worst = tl.min(best, axis=1)
             worst_slot = tl.argmin(best, axis=1)
             replace = (slots == worst_slot[:, None]) & (top > worst)[:, None]
             best = tl.where(replace, top[:, None], best)
             best_index = tl.where(replace, start + top_index[:, None], best_index)
             scores = tl.where(tl.arange(0, BLOCK_B)[None, :] == top_index[:, None], float("-inf"), scores)
+            top = tl.max(scores, axis=1)
+            worst = tl.min(best, axis=1)
     best_index = tl.where(best == float("-inf"), -1, best_index)
     tl.store(CHOSEN + (bh * N + offs_m[:, None]) * TOPK_PAD + slots, best_index, mask=offs_m[:, None] < N)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward and dQ: one program per (query tile, batch x query head)
-
-
-@triton.jit
-def _chose(chosen, block):
-    """(BLOCK_M,) whether each query's choice (BLOCK_M, TOPK_PAD) contains block."""
-    return tl.sum((chosen == block).to(tl.int32), axis=1) > 0
+# One key tile against a tile of queries (gathered or contiguous): forward, dQ, dK/dV
 
 
 @triton.jit
@@ -167,39 +118,6 @@ def _fwd_step(acc, l_i, m_i, q, K, V, b, h_kv, start_n, visible_rows, last_key, 
     return acc, l_i, m_new
 
 
-@triton.jit
-def _moba_fwd(Q, K, V, CHOSEN, O, LSE, qk_scale, Hq, N, GROUP, BLOCK_SIZE, HEAD_DIM: tl.constexpr,
-              TOPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    b, h = bh // Hq, bh % Hq
-    b, h_kv = b.to(tl.int32), (h // GROUP).to(tl.int32)  # K/V descriptor coordinates
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = offs_m < N
-    q = tl.load(Q + (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], mask=row_mask[:, None], other=0.0)
-    chosen = tl.load(CHOSEN + (bh * N + offs_m[:, None]) * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :],
-                     mask=row_mask[:, None], other=-1)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    own = start_m // BLOCK_SIZE
-    every_key = tl.full([BLOCK_M], N, dtype=tl.int32)  # a chosen past block is complete: all of it is visible
-    for block in range(0, own):
-        hit = _chose(chosen, block)
-        if tl.max(hit.to(tl.int32), axis=0) > 0:  # skip blocks no query of this tile chose
-            for start_n in range(block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE, BLOCK_N):
-                acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, b, h_kv, start_n, hit, every_key, qk_scale,
-                                          HEAD_DIM, BLOCK_N, PRECISION)
-    for start_n in range(own * BLOCK_SIZE, tl.minimum(start_m + BLOCK_M, N), BLOCK_N):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, b, h_kv, start_n, row_mask, offs_m, qk_scale, HEAD_DIM,
-                                  BLOCK_N, PRECISION)
-    l_i = tl.where(row_mask, l_i, 1.0)  # rows past N saw nothing and are not stored
-    acc = acc / l_i[:, None]
-    tl.store(O + (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_mask[:, None])
-    tl.store(LSE + bh * N + offs_m, m_i + tl.log2(l_i), mask=row_mask)
-
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K, V, b, h_kv, start_n, visible_rows, last_key, qk_scale, HEAD_DIM: tl.constexpr,
@@ -214,42 +132,6 @@ def _dq_step(dq, q, do, lse, delta, K, V, b, h_kv, start_n, visible_rows, last_k
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
 
-
-@triton.jit
-def _moba_dq(Q, K, V, CHOSEN, DO, LSE, DELTA, DQ, qk_scale, sm_scale, Hq, N, GROUP, BLOCK_SIZE,
-             HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             PRECISION: tl.constexpr):
-    pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    b, h = bh // Hq, bh % Hq
-    b, h_kv = b.to(tl.int32), (h // GROUP).to(tl.int32)  # K/V descriptor coordinates
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_mask = offs_m < N
-    rows = (bh * N + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
-    q = tl.load(Q + rows, mask=row_mask[:, None], other=0.0)
-    do = tl.load(DO + rows, mask=row_mask[:, None], other=0.0)
-    lse = tl.load(LSE + bh * N + offs_m, mask=row_mask, other=0.0)
-    delta = tl.load(DELTA + bh * N + offs_m, mask=row_mask, other=0.0)
-    chosen = tl.load(CHOSEN + (bh * N + offs_m[:, None]) * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :],
-                     mask=row_mask[:, None], other=-1)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    own = start_m // BLOCK_SIZE
-    every_key = tl.full([BLOCK_M], N, dtype=tl.int32)  # a chosen past block is complete: all of it is visible
-    for block in range(0, own):
-        hit = _chose(chosen, block)
-        if tl.max(hit.to(tl.int32), axis=0) > 0:
-            for start_n in range(block * BLOCK_SIZE, (block + 1) * BLOCK_SIZE, BLOCK_N):
-                dq = _dq_step(dq, q, do, lse, delta, K, V, b, h_kv, start_n, hit, every_key, qk_scale, HEAD_DIM,
-                              BLOCK_N, PRECISION)
-    for start_n in range(own * BLOCK_SIZE, tl.minimum(start_m + BLOCK_M, N), BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K, V, b, h_kv, start_n, row_mask, offs_m, qk_scale, HEAD_DIM,
-                      BLOCK_N, PRECISION)
-    tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_mask[:, None])
-
-
-# ----------------------------------------------------------------------------------------------------
-# dK, dV: one program per (key tile, batch x KV head), looping over the group's query heads
 
 
 @triton.jit
@@ -272,49 +154,6 @@ def _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, offs_m, row_mask, la
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
-
-@triton.jit
-def _dkdv_own_block(dk, dv, k, v, Q, DO, LSE, DELTA, bh, start_n, offs_n, N, BLOCK_SIZE, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
-    """The queries of the key tile's own block see it causally; the tile holding start_n is the first."""
-    own_end = tl.minimum((start_n // BLOCK_SIZE + 1) * BLOCK_SIZE, N)
-    for start_m in range((start_n // BLOCK_M) * BLOCK_M, own_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, offs_m, offs_m < N, offs_m, N, qk_scale,
-                            HEAD_DIM, PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _moba_dkdv(Q, K, V, CHOSEN, TILE_CHOSE, DO, LSE, DELTA, DK, DV, qk_scale, sm_scale, Hq, Hkv, N, GROUP,
-               BLOCK_SIZE, NUM_TILES, NUM_BLOCKS, HEAD_DIM: tl.constexpr, TOPK_PAD: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n, bh_kv = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    b, h_kv = bh_kv // Hkv, bh_kv % Hkv
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kv_rows = (bh_kv * N + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-    k = tl.load(K + kv_rows, mask=offs_n[:, None] < N, other=0.0)
-    v = tl.load(V + kv_rows, mask=offs_n[:, None] < N, other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    block = start_n // BLOCK_SIZE
-    own_end = tl.minimum((block + 1) * BLOCK_SIZE, N)
-    for g in range(0, GROUP):
-        bh = b * Hq + h_kv * GROUP + g
-        dk, dv = _dkdv_own_block(dk, dv, k, v, Q, DO, LSE, DELTA, bh, start_n, offs_n, N, BLOCK_SIZE, qk_scale,
-                                 HEAD_DIM, BLOCK_M, PRECISION)
-        # later queries see them only if their gate chose this block: the bitmap skips tiles where none did
-        for tile in range(own_end // BLOCK_M, NUM_TILES):
-            if tl.load(TILE_CHOSE + (bh * NUM_TILES + tile) * NUM_BLOCKS + block) != 0:
-                offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-                chosen = tl.load(CHOSEN + (bh * N + offs_m[:, None]) * TOPK_PAD + tl.arange(0, TOPK_PAD)[None, :],
-                                 mask=offs_m[:, None] < N, other=-1)
-                dk, dv = _dkdv_step(dk, dv, k, v, Q, DO, LSE, DELTA, bh, offs_n, offs_m, _chose(chosen, block),
-                                    tl.full([BLOCK_M], N, dtype=tl.int32), N, qk_scale, HEAD_DIM, PRECISION)
-    tl.store(DK + kv_rows, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < N)
-    tl.store(DV + kv_rows, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < N)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,10 +331,10 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
     if (method or GATE_METHOD) == "topk":
         return _gate_by_topk(q, means, block_size, top_k, topk_pad)
     chosen = torch.empty((B, Hq, N, topk_pad), device=q.device, dtype=torch.int32)
-    tile = _gate_tile(block_size)
+    tile, num_warps = _gate_tile(block_size)
     _gate[(triton.cdiv(N, tile), B * Hq)](q, means, chosen, Hq, N, max(num_blocks, 1), Hq // Hkv, block_size,
                                           HEAD_DIM=D, TOPK=top_k, TOPK_PAD=topk_pad, BLOCK_M=tile,
-                                          BLOCK_B=16 if _INTERPRET else 64)
+                                          BLOCK_B=16 if _INTERPRET else 64, num_warps=num_warps, num_stages=2)
     return chosen
 
 
@@ -525,26 +364,6 @@ def _key_tiles(x: torch.Tensor, block_n: int) -> TensorDescriptor:
     """k or v (B, Hkv, N, D) as a descriptor of (block_n, D) tiles: TMA loads on Hopper, with no pointer
     registers, zeros past N."""
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[3]])
-
-
-def _padded(chosen: torch.Tensor) -> torch.Tensor:
-    """chosen (B, Hq, N, K) as contiguous int32 with a power-of-two last dimension, padded with -1."""
-    width = triton.next_power_of_2(chosen.shape[-1])
-    out = torch.full((*chosen.shape[:-1], width), -1, device=chosen.device, dtype=torch.int32)
-    out[..., :chosen.shape[-1]] = chosen
-    return out
-
-
-def _tile_chose(chosen: torch.Tensor, block_m: int, num_blocks: int) -> torch.Tensor:
-    """(B, Hq, N / block_m, num_blocks) uint8: whether any query of a tile chose a block (the dK/dV skip list)."""
-    B, Hq, N, K = chosen.shape
-    num_tiles = triton.cdiv(N, block_m)
-    hits = torch.zeros((B, Hq, num_tiles, num_blocks + 1), device=chosen.device, dtype=torch.uint8)
-    for h in range(Hq):  # one head at a time bounds the int64 copy scatter_ needs
-        padded = torch.full((B, num_tiles * block_m, K), -1, device=chosen.device, dtype=torch.long)
-        padded[:, :N] = chosen[:, h]
-        hits[:, h].scatter_(-1, padded.view(B, num_tiles, block_m * K) + 1, 1)  # column 0 takes the -1s
-    return hits[..., 1:].contiguous()
 
 
 def column_index(chosen: torch.Tensor, num_blocks: int, range_rows: int,
@@ -581,94 +400,82 @@ def _range_rows(block_size: int) -> int:
     return block_size * max(1, GATHER_RANGE_ROWS // block_size)
 
 
-def _tiles(order: str, kernel: str, block_size: int, dtype: torch.dtype) -> tuple[int, int, dict]:
+def _tiles(kernel: str, block_size: int, dtype: torch.dtype) -> tuple[int, int, dict]:
     """(BLOCK_M, BLOCK_N, launch options) of one kernel: TILES (FP32_TILES for fp32 inputs), each side cut to
     the largest power of two dividing block_size, so that no tile straddles a MoBA block."""
-    rows, keys, num_warps, num_stages = (FP32_TILES if dtype == torch.float32 else TILES[order])[kernel]
+    rows, keys, num_warps, num_stages = (FP32_TILES if dtype == torch.float32 else TILES)[kernel]
     return (math.gcd(rows, block_size), math.gcd(keys, block_size),
             dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _forward(q, k, v, index, block_size, range_rows, sm_scale, order):
+def _forward(q, k, v, rows, starts, block_size, range_rows, sm_scale):
     B, Hq, N, D = q.shape
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, N), device=q.device, dtype=torch.float32)
-    block_m, block_n, launch = _tiles(order, "forward", block_size, q.dtype)
-    common = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q), **launch)
+    block_m, block_n, launch = _tiles("forward", block_size, q.dtype)
     kv = _key_tiles(k, block_n), _key_tiles(v, block_n)
-    if order == "tile":
-        (chosen,) = index
-        _moba_fwd[(triton.cdiv(N, block_m), B * Hq)](q, *kv, chosen, o, lse, sm_scale * LOG2E, Hq, N,
-                                                     Hq // k.shape[1], block_size, TOPK_PAD=chosen.shape[-1],
-                                                     **common)
-        return o, lse
-    rows, starts = index
     acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)  # the running softmax state
     m = torch.full((B, Hq, N), float("-inf"), device=q.device, dtype=torch.float32)
     l = torch.zeros((B, Hq, N), device=q.device, dtype=torch.float32)
     ranges = starts.shape[2] - 1
     _moba_fwd_gathered[(ranges, B * Hq)](q, *kv, rows, starts, acc, m, l, o, lse, sm_scale * LOG2E, Hq, N,
-                                         Hq // k.shape[1], block_size, starts.shape[1], ranges,
-                                         range_rows, rows.shape[1], **common)
+                                         Hq // k.shape[1], block_size, starts.shape[1], ranges, range_rows,
+                                         rows.shape[1], HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                                         PRECISION=_precision(q), **launch)
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, index, block_size, range_rows, sm_scale, order):
+def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 26) -> torch.Tensor:
+    """(a * b).sum(-1) in fp32, a few heads at a time: upcasting whole 16-bit (B, Hq, N, D) tensors at once
+    takes six times a's size in temporaries, the backward's peak at long N."""
+    B, Hq, N, D = a.shape
+    out = torch.empty((B * Hq, N), device=a.device, dtype=torch.float32)
+    a, b = a.reshape(B * Hq, N, D), b.reshape(B * Hq, N, D)
+    step = max(1, chunk_elements // (N * D))
+    for lo in range(0, B * Hq, step):
+        out[lo:lo + step] = (a[lo:lo + step].float() * b[lo:lo + step].float()).sum(-1)
+    return out.view(B, Hq, N)
+
+
+def _backward(do, q, k, v, o, lse, rows, starts, block_size, range_rows, sm_scale):
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
-    delta = (do.float() * o.float()).sum(-1)  # (B, Hq, N)
+    delta = _row_dots(do, o)  # (B, Hq, N)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scales = (sm_scale * LOG2E, sm_scale)
-    dq_m, dq_n, dq_launch = _tiles(order, "dq", block_size, q.dtype)
-    dq_common = dict(HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=_precision(q), **dq_launch)
-    kv = _key_tiles(k, dq_n), _key_tiles(v, dq_n)
-    dkdv_m, dkdv_n, dkdv_launch = _tiles(order, "dkdv", block_size, q.dtype)
-    dkdv_common = dict(HEAD_DIM=D, BLOCK_M=dkdv_m, BLOCK_N=dkdv_n, PRECISION=_precision(q), **dkdv_launch)
-    if order == "tile":
-        (chosen,) = index
-        _moba_dq[(triton.cdiv(N, dq_m), B * Hq)](q, *kv, chosen, do, lse, delta, dq, *scales, Hq, N, Hq // Hkv,
-                                                 block_size, TOPK_PAD=chosen.shape[-1], **dq_common)
-        num_blocks = triton.cdiv(N, block_size)
-        tile_chose = _tile_chose(chosen, dkdv_m, num_blocks)
-        _moba_dkdv[(triton.cdiv(N, dkdv_n), B * Hkv)](q, k, v, chosen, tile_chose, do, lse, delta, dk, dv, *scales,
-                                                      Hq, Hkv, N, Hq // Hkv, block_size, tile_chose.shape[2],
-                                                      num_blocks, TOPK_PAD=chosen.shape[-1], **dkdv_common)
-        return dq, dk, dv
-    rows, starts = index
     num_blocks, ranges = starts.shape[1], starts.shape[2] - 1
+    dq_m, dq_n, dq_launch = _tiles("dq", block_size, q.dtype)
+    kv = _key_tiles(k, dq_n), _key_tiles(v, dq_n)
     dq_acc = torch.zeros((B, Hq, N, D), device=q.device, dtype=torch.float32)
     _moba_dq_gathered[(ranges, B * Hq)](q, *kv, rows, starts, do, lse, delta, dq_acc, dq, *scales, Hq, N,
                                         Hq // Hkv, block_size, num_blocks, ranges, range_rows, rows.shape[1],
-                                        **dq_common)
+                                        HEAD_DIM=D, BLOCK_M=dq_m, BLOCK_N=dq_n, PRECISION=_precision(q), **dq_launch)
     del dq_acc
+    dkdv_m, dkdv_n, dkdv_launch = _tiles("dkdv", block_size, q.dtype)
     _moba_dkdv_gathered[(triton.cdiv(N, dkdv_n), B * Hkv)](q, k, v, rows, starts, do, lse, delta, dk, dv, *scales,
                                                            Hq, Hkv, N, Hq // Hkv, block_size, N // block_size,
-                                                           ranges, rows.shape[1], **dkdv_common)
+                                                           ranges, rows.shape[1], HEAD_DIM=D, BLOCK_M=dkdv_m,
+                                                           BLOCK_N=dkdv_n, PRECISION=_precision(q), **dkdv_launch)
     return dq, dk, dv
 
 
 class MoBAAttention(torch.autograd.Function):
-    """Autograd wrapper over fixed block choices: the gate is a selection and carries no gradient (as in
-    MoBA); dq, dk, dv come back in the inputs' dtypes."""
+    """Autograd wrapper over fixed block choices, given as their column index: the gate is a selection and
+    carries no gradient (as in MoBA); dq, dk, dv come back in the inputs' dtypes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, chosen, block_size, sm_scale, order):
+    def forward(ctx, q, k, v, rows, starts, block_size, range_rows, sm_scale):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        range_rows = _range_rows(block_size)  # fixed here: the backward must cut the index the same way
-        if order == "tile":
-            index = (_padded(chosen),)
-        else:
-            index = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
-        o, lse = _forward(q, k, v, index, block_size, range_rows, sm_scale, order)
-        ctx.save_for_backward(q, k, v, o, lse, *index)
-        ctx.args = block_size, range_rows, sm_scale, order
+        o, lse = _forward(q, k, v, rows, starts, block_size, range_rows, sm_scale)
+        ctx.save_for_backward(q, k, v, o, lse, rows, starts)
+        ctx.args = block_size, range_rows, sm_scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *index = ctx.saved_tensors
-        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, index, *ctx.args)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, o, lse, rows, starts = ctx.saved_tensors
+        dq, dk, dv = _backward(do.contiguous(), q, k, v, o, lse, rows, starts, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> bool:
@@ -685,21 +492,19 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int)
 
 
 def moba_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int, top_k: int,
-                   chosen: torch.Tensor | None = None, sm_scale: float | None = None,
-                   order: str | None = None) -> torch.Tensor:
+                   chosen: torch.Tensor | None = None, sm_scale: float | None = None) -> torch.Tensor:
     """MoBA attention for q (B, Hq, N, D), k/v (B, Hkv, N, D) -> (B, Hq, N, D) in q's dtype. `chosen`
     (B, Hq, N, K) overrides the gate (tests feed the reference's choice to both paths): distinct past
-    complete blocks per query, -1 for none, as the gate gives. `order` is "gather" (collect and densify)
-    or "tile" (per query tile over the union of its choices), ORDER when None; see the module doc."""
-    order = order or ORDER
+    complete blocks per query, -1 for none, as the gate gives."""
     if not supports(q, k, v, block_size):
         raise ValueError(f"moba_attention: unsupported q {tuple(q.shape)} {q.dtype} {q.device}, k {tuple(k.shape)}, "
                          f"block_size {block_size}; expected (B, Hq, N, D) / (B, Hkv, N, D), D in {HEAD_DIMS}, "
                          "block_size a multiple of 16, check supports()")
-    if order not in ORDERS:
-        raise ValueError(f"moba_attention: order {order!r}; expected one of {ORDERS}")
-    if chosen is None:
-        with torch.no_grad():
+    with torch.no_grad():
+        if chosen is None:
             chosen = select_blocks(q.contiguous(), k.contiguous(), block_size, top_k)
+        range_rows = _range_rows(block_size)  # the forward and the backward cut the index the same way
+        rows, starts = column_index(chosen.to(torch.int32).contiguous(), q.shape[2] // block_size, range_rows)
+    del chosen  # the index replaces it (as large as it): dropped before the forward's scratch is made
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    return MoBAAttention.apply(q, k, v, chosen, block_size, scale, order)
+    return MoBAAttention.apply(q, k, v, rows, starts, block_size, range_rows, scale)

@@ -7,13 +7,12 @@ many again in the backward); this kernel reads x once and writes the result once
 transposed rotation to the gradient with the same kernel. x may be any strided view whose last dimension is
 contiguous, e.g. the (B, T, H, D) projection transposed to (B, H, T, D); the result has x's layout.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .runtime import runs_kernels
 
 
 @triton.jit
@@ -70,7 +69,7 @@ class _Rope(torch.autograd.Function):
 def supports(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """x 4-D with an even last dimension, cos/sin (T, D) float32 with unit last stride, all on CUDA (or on CPU
     under TRITON_INTERPRET=1)."""
-    on_device = x.is_cuda or (_INTERPRET and x.device.type == "cpu")
+    on_device = runs_kernels(x)
     return (on_device and x.dim() == 4 and x.shape[-1] % 2 == 0
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and cos.shape == sin.shape == (x.shape[2], x.shape[3]) and cos.dtype == sin.dtype == torch.float32

@@ -6,6 +6,7 @@ import pytest
 
 from dist_moe import config
 from dist_moe.config import ConfigError, from_yaml, load_config, to_yaml
+from dist_moe.train.engine import deepspeed_config
 
 
 def test_defaults_then_preset_then_overrides():
@@ -83,14 +84,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_deepspeed_config_follows_the_training_config():
     cfg = load_config("tiny", ["train.zero_stage=2", "train.grad_accum_steps=4", "train.grad_clip=0.5"])
-    ds = config.deepspeed_config(cfg, world_size=2, device_type="cpu")
+    ds = deepspeed_config(cfg, world_size=2, device_type="cpu")
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 2
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is False
-    assert config.deepspeed_config(cfg, 1, "cuda")["bf16"]["enabled"] is True
+    assert deepspeed_config(cfg, 1, "cuda")["bf16"]["enabled"] is True
     fp32 = load_config("tiny", ["train.precision=fp32"])
-    assert config.deepspeed_config(fp32, 1, "cuda")["bf16"]["enabled"] is False
+    assert deepspeed_config(fp32, 1, "cuda")["bf16"]["enabled"] is False
 
 
 def _cli(*args):
@@ -186,3 +187,14 @@ def test_every_train_line_of_the_readme_tour_is_a_valid_config():
         preset = args.pop(0) if args and "=" not in args[0] else None
         cfg = load_config(preset, args)
         config.check_world_size(cfg, nproc if cfg.cluster.kind != "ray" else cfg.cluster.num_workers)
+
+
+def test_every_key_with_choices_refuses_other_values_and_help_lists_them():
+    keys = config._choice_keys()
+    assert len(keys) >= 19 and ("moe.score", ("softmax", "sigmoid")) in keys
+    help_lines = config.help_text(config.DEFAULT_PRESET).splitlines()
+    for key, allowed in keys:
+        with pytest.raises(ConfigError, match=f"'{key}' = 'bogus': expected one of " + r" \| ".join(allowed)):
+            load_config(None, [f"{key}=bogus"])
+        line = next(line for line in help_lines if line.split() and line.split()[0] == key)
+        assert all(value in line for value in allowed), line

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import torch
 
-from dist_moe.config import Config, check_world_size, deepspeed_config
+from dist_moe.config import Config, check_world_size, grad_accum_dtype, use_bf16
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 
@@ -158,3 +158,22 @@ def build_engine(cfg: Config, model: torch.nn.Module, ctx: DistContext):
         config=deepspeed_config(cfg, ctx.world_size, ctx.device.type),
     )
     return engine
+
+
+def deepspeed_config(cfg: Config, world_size: int, device_type: str) -> dict:
+    """The DeepSpeed JSON config this run hands to deepspeed.initialize."""
+    t = cfg.train
+    ds: dict[str, object] = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg, device_type)},
+        "steps_per_print": 10**9,  # dist_moe prints its own progress
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,  # our torch AdamW under ZeRO-1/2
+    }
+    if grad_accum_dtype(cfg, device_type) == "fp32" and use_bf16(cfg, device_type):
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}  # DeepSpeed's default is the parameters' dtype
+    return ds

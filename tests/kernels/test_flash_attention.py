@@ -109,7 +109,7 @@ def test_custom_scale_and_strided_layout_match_reference(D, dtype):
         _assert_close(name, g, r, TOLERANCE[dtype])
 
 
-@pytest.mark.skipif(not (CUDA and fa._GLUON and torch.cuda.get_device_capability() == (9, 0)),
+@pytest.mark.skipif(not (CUDA and fa.GLUON and torch.cuda.get_device_capability() == (9, 0)),
                     reason="the Gluon forward runs on Hopper with Triton 3.6")
 @pytest.mark.parametrize("causal", [True, False])
 def test_hopper_forward_runs_the_gluon_kernel_and_writes_the_triton_kernels_lse(causal, monkeypatch):
@@ -118,7 +118,7 @@ def test_hopper_forward_runs_the_gluon_kernel_and_writes_the_triton_kernels_lse(
     q, k, v, _ = _inputs(2, 8, 2, 1000, 128, BF16, seed=11)
     assert fa._gluon_forward_applies(q, 0) and not fa._gluon_forward_applies(q, 66)
     o, lse = fa._forward(q, k, v, causal, 0, 0.125)
-    monkeypatch.setattr(fa, "_GLUON", False)
+    monkeypatch.setattr(fa, "GLUON", False)
     o_triton, lse_triton = fa._forward(q, k, v, causal, 0, 0.125)
     torch.testing.assert_close(lse, lse_triton, rtol=0, atol=1e-4)
     torch.testing.assert_close(o, o_triton, rtol=2e-2, atol=2e-2)

@@ -1,9 +1,8 @@
 """kernels/moba.py against dist_moe.model.moba's dense-masked reference in float64.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 on tiny fp32/fp16 shapes (ragged N, GQA, blocks of one
-and two tiles, top_k padded to a power of two); with CUDA a wider grid runs, bf16 included. Both orders
-(gather, tile) run every case. The attention tests feed both sides the reference gate's choice, so a
-near-tie in the gate cannot flip a block; the gate and the column index are compared on their own.
+and two tiles, top_k padded to a power of two); with CUDA a wider grid (ids end in bf16, fp16, fp32). The
+attention tests feed both sides the reference gate's choice, so a near-tie in the gate cannot flip a block.
 """
 
 import pytest
@@ -28,6 +27,8 @@ CPU_CASES = [
 GPU_CASES = [(2, 8, hkv, n, d, bs, k, dtype) for hkv in (8, 2) for n in (1000, 4096) for d in (64, 128)
              for bs, k in ((64, 3), (128, 2)) for dtype in (BF16, F16, F32)]
 CASES = GPU_CASES if CUDA else CPU_CASES
+_DTYPE_NAMES = {F32: "fp32", F16: "fp16", BF16: "bf16"}
+CASE_IDS = ["{}-{}-{}-n{}-d{}-bs{}-k{}-{}".format(*c[:-1], _DTYPE_NAMES[c[-1]]) for c in CASES]  # -k bf16 picks
 
 
 def _inputs(B, Hq, Hkv, N, D, dtype, seed=0):
@@ -44,8 +45,8 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype, what: str):
     assert rms < TOLERANCE[dtype] and worst < 10 * TOLERANCE[dtype], f"{what}: rms {rms:.2e}, max {worst:.2e}"
 
 
-def _check_against_reference(q, k, v, block_size, chosen, order, dtype):
-    out = kernel.moba_attention(q, k, v, block_size, chosen.shape[-1], chosen=chosen, order=order)
+def _check_against_reference(q, k, v, block_size, chosen, dtype):
+    out = kernel.moba_attention(q, k, v, block_size, chosen.shape[-1], chosen=chosen)
     do = torch.randn_like(out)
     out.backward(do)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
@@ -56,17 +57,15 @@ def _check_against_reference(q, k, v, block_size, chosen, order, dtype):
         _close(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("order", kernel.ORDERS)
-@pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
-def test_moba_forward_and_grads_equal_dense_masked_reference(B, Hq, Hkv, N, D, block_size, top_k, dtype, order):
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES, ids=CASE_IDS)
+def test_moba_forward_and_grads_equal_dense_masked_reference(B, Hq, Hkv, N, D, block_size, top_k, dtype):
     q, k, v = _inputs(B, Hq, Hkv, N, D, dtype)
     chosen = select_blocks(q.detach(), k.detach(), block_size, top_k)
     assert (chosen >= 0).any(), "the case must exercise past blocks"
-    _check_against_reference(q, k, v, block_size, chosen, order, dtype)
+    _check_against_reference(q, k, v, block_size, chosen, dtype)
 
 
-@pytest.mark.parametrize("order", kernel.ORDERS)
-def test_moba_adversarial_choices_equal_reference(order, monkeypatch):
+def test_moba_adversarial_choices_equal_reference(monkeypatch):
     """Every query that can chooses block 0 (one column holds them all) and block 2; blocks 1, 3, 4, ... are
     chosen by nobody. Ranges of three blocks, the last one ragged, so a range walks several blocks."""
     monkeypatch.setattr(kernel, "GATHER_RANGE_ROWS", 48)
@@ -75,7 +74,7 @@ def test_moba_adversarial_choices_equal_reference(order, monkeypatch):
     own = (torch.arange(N) // block_size)[:, None]
     chosen = torch.tensor([0, 2]).expand(N, 2).masked_fill(torch.tensor([0, 2]) >= own, -1)
     chosen = chosen.expand(B, Hq, N, 2).to(DEVICE)
-    _check_against_reference(q, k, v, block_size, chosen, order, F32)
+    _check_against_reference(q, k, v, block_size, chosen, F32)
 
 
 def test_column_index_lists_each_blocks_queries_in_order():
@@ -99,7 +98,7 @@ def test_column_index_lists_each_blocks_queries_in_order():
 
 
 @pytest.mark.parametrize("method", ("kernel", "topk"))
-@pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES)
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,block_size,top_k,dtype", CASES, ids=CASE_IDS)
 def test_moba_gate_picks_the_reference_blocks(B, Hq, Hkv, N, D, block_size, top_k, dtype, method):
     q, k, _ = (x.detach() for x in _inputs(B, Hq, Hkv, N, D, dtype, seed=1))
     want = select_blocks(q.double(), k.double(), block_size, top_k).sort(-1).values
@@ -122,3 +121,10 @@ def test_moba_attention_without_chosen_runs_the_gate_kernel():
     got = kernel.moba_attention(q, k, v, 16, 2)
     want = moba_attention_reference(q.double(), k.double(), v.double(), 16, 2)
     _close(got, want, F32, "out")
+
+
+def test_row_dots_in_chunks_equal_one_product():
+    """The backward's delta = rowsum(dO * O), a head at a time (chunk of one element), equals the float64 sum."""
+    a, b = (torch.randn(2, 3, 50, 16, generator=torch.Generator().manual_seed(s)).to(DEVICE, BF16) for s in (6, 7))
+    want = (a.double() * b.double()).sum(-1)
+    torch.testing.assert_close(kernel._row_dots(a, b, chunk_elements=1).double(), want, rtol=1e-5, atol=1e-5)

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dist_moe.config import ConfigError, deepspeed_config, load_config
-from dist_moe.train.engine import free_port
+from dist_moe.config import ConfigError, load_config
+from dist_moe.train.engine import deepspeed_config, free_port
 
 MICRO_STEPS = 16
 

@@ -33,6 +33,7 @@ import torch
 
 from dist_moe.kernels.moe_permute import combine, permute
 from dist_moe.kernels.moe_router import fused_route
+from dist_moe.model.moe.router import gate_weights
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
@@ -152,20 +153,24 @@ def _accept(experts: torch.Tensor, weights: torch.Tensor, room: torch.Tensor, dr
 
 
 def reroute(indices: torch.Tensor, scores: torch.Tensor, selection: torch.Tensor, capacity: int, tries: int,
-            drop_policy: str = "position") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            drop_policy: str = "position", *, score: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move assignments over capacity to their token's next-best expert with room -> (indices (T, k),
-    weights (T, k) = scores at the new indices, rerouted (T, k) bool). Feed them to `route`, which then
-    keeps every moved assignment and drops only those that found no room.
+    weights (T, k) = the router's gate_weights at the new indices, rerouted (T, k) bool). `scores` are the
+    router's raw scores (Gating.scores) and `score` its moe.score (keyword only: a default would silently
+    weigh sigmoid scores as probabilities). Feed the result to `route`, which then keeps every moved
+    assignment and drops only at the experts that overflowed.
 
     First the capacity decision of `route`. Then `tries` rounds: each still-overflowing assignment asks,
     in the token's preference order (`selection`, ties to the lower expert id), for the best expert the
     token does not use yet and that has room left at the start of the round (a token's i-th overflowing
     choice asks for its i-th such expert); each expert grants its room to the requests in the drop-policy
-    priority. Experts that overflowed keep their first decision, so `route` drops exactly the rest.
+    priority (probs: the token's score for the requested expert). Experts that overflowed keep their
+    first decision, which `route` repeats, except under probs with sigmoid scores and k >= 2: there a
+    token's gates change when one of its choices moves, and `route` ranks by the new ones.
     Deterministic, and local to the rank's tokens like capacity, so independent of the EP size.
     """
     num_tokens, num_experts = selection.shape
-    weights = scores.gather(1, indices)
+    weights = gate_weights(scores, indices, score)
     full = torch.full((num_experts,), capacity, device=indices.device, dtype=torch.long)
     kept = _accept(indices, weights, full, drop_policy)
     room = full - torch.zeros_like(full).index_add_(0, indices[kept], torch.ones_like(indices[kept]))
@@ -185,7 +190,7 @@ def reroute(indices: torch.Tensor, scores: torch.Tensor, selection: torch.Tensor
         taken = torch.zeros_like(used, dtype=torch.long).scatter_add_(1, wanted.clamp(min=0), granted.long())
         used = used | (taken > 0)
         overflow, rerouted = overflow & ~granted, rerouted | granted
-    return indices, scores.gather(1, indices), rerouted
+    return indices, gate_weights(scores, indices, score), rerouted
 
 
 def expert_choice_route(scores: torch.Tensor, selection: torch.Tensor, capacity: int) -> Routing:

@@ -117,7 +117,7 @@ class MoELayer(nn.Module):
             indices, weights = gating.indices, gating.weights
             if m.overflow == "reroute" and capacity is not None:
                 indices, weights, rerouted = reroute(indices, gating.scores, gating.selection, capacity,
-                                                     m.reroute_tries, m.drop_policy)
+                                                     m.reroute_tries, m.drop_policy, score=m.score)
                 rerouted = rerouted.sum()
             plan = route(indices, weights, self.num_experts, capacity, m.drop_policy, m.normalize_weights)
         shared = None if self.shared_mlp is None else (lambda: self.shared_mlp(tokens))

@@ -32,9 +32,10 @@ class Gating(NamedTuple):
 
     weights (T, k) fp32: combine weight of each choice; indices (T, k) int64: chosen experts, best first.
     aux_loss, z_loss: () fp32 (unweighted); stats (2,) fp32 no grad: see router_stats.
-    scores (T, E) fp32: the combine weight every expert would get (reroute and expert choice read it);
-    selection (T, E) fp32: what experts are ranked by (scores + bias + selection noise). Both None on the
-    fused CUDA path, which serves only the baseline policy (no rerouting, no expert choice).
+    scores (T, E) fp32: every expert's score for the token, softmax probabilities or sigmoid scores, never
+    normalised over the chosen k: expert choice weighs by them, rerouting weighs moved choices from them
+    (gate_weights); selection (T, E) fp32: what experts are ranked by (scores + bias + selection noise).
+    Both None on the fused CUDA path, which serves only the baseline policy (no rerouting, no expert choice).
     """
 
     weights: torch.Tensor
@@ -91,6 +92,17 @@ def top_k_gating(logits: torch.Tensor, top_k: int, scores: Optional[torch.Tensor
     indices = torch.topk(probs if scores is None else scores, top_k, dim=-1).indices  # (T, k)
     weights = probs.gather(1, indices)
     return weights, indices, load_balancing_loss(probs, indices), router_z_loss(logits), router_stats(probs)
+
+
+def gate_weights(scores: torch.Tensor, indices: torch.Tensor, score: str) -> torch.Tensor:
+    """(T, k) combine weights of the experts `indices` (T, k) from the router's (T, E) `scores`: softmax, the
+    probabilities; sigmoid, the k scores normalised to sum 1 (DeepSeek-V3; k=1 gets 1). The one rule for
+    chosen and rerouted choices alike, so Gating.scores stay raw for expert choice."""
+    assert score in ("softmax", "sigmoid"), score
+    weights = scores.gather(1, indices)
+    if score == "sigmoid":
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+    return weights
 
 
 def gumbel_selection(scores: torch.Tensor, gumbel: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -189,15 +201,12 @@ class Router(nn.Module):
             gumbel = -torch.log(-torch.log(self._uniform(logits, 1e-20, 1.0)))
             selection = gumbel_selection(logits.detach(), gumbel, self.top_k)
         indices = torch.topk(selection, self.top_k, dim=-1).indices  # (T, k)
-        raw = scores
-        if self.score == "sigmoid":  # DeepSeek-V3: the chosen scores normalised over the k choices
-            scores = scores / scores.gather(1, indices).sum(dim=-1, keepdim=True).clamp(min=1e-20)
-        weights = scores.gather(1, indices)
+        weights = gate_weights(scores, indices, self.score)
         if self.training:
             self.step_selections += (indices[..., None] == torch.arange(self.num_experts, device=indices.device)
                                      ).flatten(0, 1).sum(0).detach().to(self.step_selections.dtype)
         # sigmoid: the aux loss and the statistics see each token's scores normalised over all E (Megatron-Core)
-        aux_probs = probs if self.score == "softmax" else raw / raw.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        aux_probs = probs if self.score == "softmax" else scores / scores.sum(dim=-1, keepdim=True).clamp(min=1e-20)
         return Gating(weights, indices, self._aux_loss(aux_probs, indices, num_sequences), router_z_loss(logits),
                       router_stats(aux_probs), scores, selection)
 

@@ -80,6 +80,34 @@ def naive_scores(logits: torch.Tensor, score: str):
     return sig / sig.sum(-1, keepdim=True), sig
 
 
+def naive_gates(scores: torch.Tensor, choices, score: str) -> torch.Tensor:
+    """(T, E): the gate each token's chosen experts get (0 elsewhere). softmax: the probability itself;
+    sigmoid: the score over the sum of the token's chosen scores (DeepSeek-V3; a single choice gets 1)."""
+    gates = torch.zeros_like(scores)
+    for t, row in enumerate(choices):
+        total = sum(float(scores[t, e]) for e in row) if score == "sigmoid" else 1.0
+        for e in row:
+            gates[t, e] = scores[t, e] / total
+    return gates
+
+
+def naive_token_choice(scores, selection, k: int, score: str, capacity: int, policy: str, overflow: str, tries: int):
+    """Token choice as docs/routing.md defines it: each token picks its k best by selection; capacity keeps
+    assignments in priority order (probs: by gate); reroute moves the overflowing ones (requests ranked by
+    the score the token gives the requested expert) and then the same capacity decision, on the final choices
+    with their final gates, decides what drops. Returns (final choices, gates (T, E), kept, rerouted, first
+    choices)."""
+    num_experts = scores.shape[1]
+    first = naive_route(selection, k)
+    gates = naive_gates(scores, first, score)
+    kept = naive_keep(first, gates, num_experts, capacity, policy)
+    if overflow == "drop":
+        return first, gates, kept, [[False] * k for _ in first], first
+    choices, _, rerouted = naive_reroute(selection, first, kept, capacity, tries, policy, lambda t, e: scores[t, e])
+    gates = naive_gates(scores, choices, score)
+    return choices, gates, naive_keep(choices, gates, num_experts, capacity, policy), rerouted, first
+
+
 def naive_reroute(selection, choices, kept, capacity: int, tries: int, policy: str, weight_of):
     """Rounds of: every token's i-th still-overflowing choice asks for the i-th best expert (by selection,
     ties to the lower id) that the token does not use and that has room at the start of the round; experts

@@ -79,3 +79,17 @@ def test_rsample_weights_come_from_the_clean_softmax():
     clean = torch.softmax(x @ router.weight.t(), -1)
     assert not torch.equal(indices[:, 0], clean.argmax(-1))  # Gumbel noise picked some other expert
     torch.testing.assert_close(weights, clean.gather(1, indices))
+
+
+def test_sigmoid_gating_keeps_the_raw_scores_and_normalises_only_the_weights():
+    """Gating.scores are what expert choice weighs by and rerouting re-weighs from: sigmoid(logits) itself, not
+    divided by the token's top-k sum (issue 36); the weights are the chosen k normalised to sum 1."""
+    torch.manual_seed(0)
+    router = Router(16, 6, top_k=2, score="sigmoid", keep_scores=True)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(20, 16)
+    gating = router(x)
+    sig = torch.sigmoid(x.double() @ router.weight.double().t())
+    torch.testing.assert_close(gating.scores.double(), sig, rtol=1e-6, atol=1e-9)
+    chosen = sig.gather(1, gating.indices)
+    torch.testing.assert_close(gating.weights.double(), chosen / chosen.sum(-1, keepdim=True), rtol=1e-6, atol=1e-9)

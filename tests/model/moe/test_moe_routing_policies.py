@@ -1,16 +1,19 @@
 """Routing policies (docs/routing.md) against the naive per-token references of moe_reference.py, in float64:
-rerouting on overflow, expert choice, sigmoid scores, the selection bias and its update, the sequence and
-global-batch aux losses, and rsample against DeepSpeed's own gating functions on the same Gumbel noise."""
+every score x overflow x routing combination (rerouting on overflow, expert choice, sigmoid scores), the
+selection bias and its update, the sequence and global-batch aux losses, what capacity does to causality,
+and rsample against DeepSpeed's own gating functions on the same Gumbel noise."""
 
+import itertools
 import math
 
 import pytest
 import torch
 from deepspeed.moe import sharded_moe
-from moe_reference import (naive_combine, naive_expert_choice, naive_keep, naive_reroute, naive_route, naive_scores,
-                           naive_switch_loss)
+from moe_reference import (naive_combine, naive_expert_choice, naive_route, naive_scores, naive_switch_loss,
+                           naive_token_choice)
 
-from dist_moe.config import Config, ConfigError, load_config
+from dist_moe.config import Config, ConfigError, _choice_keys, load_config
+from dist_moe.model.moe.dispatch import reroute, route
 from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import Router, end_router_step
 
@@ -37,37 +40,68 @@ def capacity_of(cfg: Config, num_tokens: int) -> int:
     return max(math.ceil(num_tokens / m.num_experts * m.capacity_factor * m.top_k), m.min_capacity)
 
 
-def gated(experts, kept, weights_of, normalize: bool):
-    """[(expert, gate)] per token over its kept choices, renormalised to sum 1 if asked."""
+# Every score x overflow x routing combination the config accepts has a float64 reference test below (the last
+# test checks that against the choices config.validate allows). Token choice: (top_k, drop_policy, normalize_weights, balance, tries,
+# seed); the biased cases (aux_free, both) select with a random selection bias, so selection and scores differ.
+# The probs cases' seeds 30 (k=2) and 23 (k=3): with sigmoid scores and rerouting, some token's gates change when
+# its other choice moves, and the final capacity decision at a full expert differs from the first one
+# (see dispatch.reroute).
+TOKEN_CHOICE_CASES = [(1, "position", True, "aux_free", 2, 12), (1, "probs", True, "aux", 1, 11),
+                      (2, "position", True, "both", 3, 23), (2, "probs", False, "aux_free", 2, 30),
+                      (3, "position", False, "aux", 2, 32), (3, "probs", True, "none", 1, 23)]
+EXPERT_CHOICE_CAPACITY_FACTORS = [0.5, 1.0, 3.0]
+
+
+def gate_pairs(choices, gates, kept, normalize: bool):
+    """[(expert, gate)] per token over its kept choices, renormalised over them if asked (k >= 2)."""
     out = []
-    for t, (row, keep) in enumerate(zip(experts, kept)):
-        pairs = [(e, weights_of(t, e)) for e, k in zip(row, keep) if k]
+    for t, (row, keep) in enumerate(zip(choices, kept)):
+        pairs = [(e, gates[t, e]) for e, k in zip(row, keep) if k]
         total = sum(g for _, g in pairs)
         out.append([(e, g / total) for e, g in pairs] if normalize and len(row) > 1 else pairs)
     return out
 
 
-@pytest.mark.parametrize("top_k,tries,policy", [(1, 1, "position"), (2, 1, "position"), (2, 3, "position"),
-                                                (2, 2, "probs"), (3, 2, "position")])
-def test_reroute_layer_equals_naive_per_token_reference(top_k, tries, policy):
-    cfg = config(top_k=top_k, overflow="reroute", reroute_tries=tries, drop_policy=policy, capacity_factor=1.0)
-    layer, x, logits = layer_and_input(cfg, seed=top_k * 10 + tries, tokens=40)
-    probs = torch.softmax(logits, -1)
+@pytest.mark.parametrize("case", TOKEN_CHOICE_CASES)
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_token_choice_layer_equals_naive_per_token_reference(score, overflow, case):
+    top_k, policy, normalize, balance, tries, seed = case
+    cfg = config(top_k=top_k, score=score, overflow=overflow, drop_policy=policy, normalize_weights=normalize,
+                 balance=balance, reroute_tries=tries, capacity_factor=1.0)
+    layer, x, logits = layer_and_input(cfg, seed=seed, tokens=40)
+    probs, scores = naive_scores(logits, score)
+    selection = scores
+    if layer.router.selection_bias is not None:
+        bias = torch.randn(6, generator=torch.Generator().manual_seed(top_k)) * float(scores.std())
+        layer.router.selection_bias.copy_(bias)
+        selection = scores + bias.double()
     capacity = capacity_of(cfg, 40)
-    choices = naive_route(probs, top_k)
-    kept = naive_keep(choices, probs, 6, capacity, policy)
-    experts, kept, rerouted = naive_reroute(probs, choices, kept, capacity, tries, policy, lambda t, e: probs[t, e])
+    choices, gates, kept, rerouted, first = naive_token_choice(scores, selection, top_k, score, capacity, policy,
+                                                               overflow, tries)
     e = layer.experts
-    y_ref = naive_combine(x.view(-1, 16), gated(experts, kept, lambda t, e: probs[t, e], True), *e.w1_w3(), e.w2)
+    y_ref = naive_combine(x.view(-1, 16), gate_pairs(choices, gates, kept, normalize), *e.w1_w3(), e.w2)
     y, aux, _ = layer(x)
     torch.testing.assert_close(y.view(-1, 16), y_ref, rtol=1e-5, atol=1e-6)  # fp32 gates
-    torch.testing.assert_close(aux.double(), naive_switch_loss(probs, choices, 6), rtol=1e-6, atol=0)  # pre-reroute
+    aux_ref = naive_switch_loss(probs, first, 6) if balance in ("aux", "both") else 0.0  # f: biased, pre-reroute
+    torch.testing.assert_close(aux.double(), torch.as_tensor(aux_ref, dtype=torch.float64), rtol=1e-6, atol=0)
     stats = layer.last_stats
     num_rerouted, num_dropped = sum(map(sum, rerouted)), sum(not k for row in kept for k in row)
-    assert int(stats.rerouted) == num_rerouted > 0 and int(stats.dropped) == num_dropped
+    assert int(stats.rerouted) == num_rerouted and int(stats.dropped) == num_dropped
+    assert (num_rerouted if overflow == "reroute" else num_dropped) > 0  # the case exercises what it names
     assert stats.tokens_per_expert.max() <= capacity
     assert torch.equal(stats.tokens_per_expert, torch.bincount(torch.tensor(
-        [ex for row, keep in zip(experts, kept) for ex, k in zip(row, keep) if k]), minlength=6))
+        [ex for row, keep in zip(choices, kept) for ex, k in zip(row, keep) if k]), minlength=6))
+
+
+def test_rerouted_top1_sigmoid_token_gets_weight_one():
+    """Issue 36: with sigmoid scores a rerouted k=1 token was weighted s_new / s_orig instead of 1."""
+    router = Router(4, 4, top_k=1, score="sigmoid", keep_scores=True)
+    router.weight.data = torch.eye(4)
+    gating = router(torch.tensor([[3.0, 1, 0, 0]] * 4))
+    indices, weights, rerouted = reroute(gating.indices, gating.scores, gating.selection, 2, 2, score="sigmoid")
+    assert indices[:, 0].tolist() == [0, 0, 1, 1] and rerouted[:, 0].tolist() == [False, False, True, True]
+    assert route(indices, weights, 4, 2).combine_weights.tolist() == [[1.0]] * 4
 
 
 def test_reroute_moves_nothing_when_nothing_overflows():
@@ -79,13 +113,18 @@ def test_reroute_moves_nothing_when_nothing_overflows():
     assert int(layer.last_stats.rerouted) == 0 == int(layer.last_stats.dropped)
 
 
-@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 3.0])
-def test_expert_choice_layer_equals_naive_per_token_reference(capacity_factor):
-    cfg = config(routing="expert_choice", balance="none", capacity_factor=capacity_factor)
+@pytest.mark.parametrize("capacity_factor", EXPERT_CHOICE_CAPACITY_FACTORS)
+@pytest.mark.parametrize("overflow", ["drop", "reroute"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_expert_choice_layer_equals_naive_per_token_reference(score, overflow, capacity_factor):
+    """Each expert takes its C best tokens by score, weighted by the raw score (sigmoid too: no normalisation);
+    moe.overflow has nothing to act on (no expert is over capacity)."""
+    cfg = config(routing="expert_choice", balance="none", score=score, overflow=overflow,
+                 capacity_factor=capacity_factor)
     layer, x, logits = layer_and_input(cfg, seed=5)
-    probs = torch.softmax(logits, -1)
-    picks = naive_expert_choice(probs, capacity_of(cfg, 30))
-    assignments = [[(e, probs[t, e]) for e in range(6) if t in picks[e]] for t in range(30)]
+    _, scores = naive_scores(logits, score)
+    picks = naive_expert_choice(scores, capacity_of(cfg, 30))
+    assignments = [[(e, scores[t, e]) for e in range(6) if t in picks[e]] for t in range(30)]
     e = layer.experts
     y, aux, _ = layer(x)
     torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *e.w1_w3(), e.w2),
@@ -93,7 +132,52 @@ def test_expert_choice_layer_equals_naive_per_token_reference(capacity_factor):
     assert float(aux) == 0.0
     assert layer.last_stats.tokens_per_expert.tolist() == [len(p) for p in picks]
     assert int(layer.last_stats.dropped) == sum(not a for a in assignments)  # tokens no expert chose
-    assert layer.last_stats.routed == 30
+    assert layer.last_stats.routed == 30 and int(layer.last_stats.rerouted) == 0
+
+
+def test_the_references_cover_every_accepted_score_overflow_routing_combination():
+    """The parametrisations above against what the config accepts (moe.balance=none, which every routing takes):
+    a new choice of moe.score, moe.overflow or moe.routing must get its reference case here."""
+    choices = dict(_choice_keys())  # what config.validate allows per key
+    accepted = set()
+    for combo in itertools.product(choices["moe.score"], choices["moe.overflow"], choices["moe.routing"]):
+        overrides = [f"moe.{key}={value}" for key, value in zip(("score", "overflow", "routing"), combo)]
+        try:
+            load_config(None, overrides + ["moe.balance=none"])
+            accepted.add(combo)
+        except ConfigError:
+            pass
+    tested = {(score, overflow, routing) for score in ("softmax", "sigmoid") for overflow in ("drop", "reroute")
+              for routing in ("token_choice", "expert_choice")}
+    assert accepted == tested
+    assert {case[1] for case in TOKEN_CHOICE_CASES} == set(choices["moe.drop_policy"])
+    assert {case[3] for case in TOKEN_CHOICE_CASES} == set(choices["moe.balance"])
+    assert {case[0] for case in TOKEN_CHOICE_CASES} == {1, 2, 3}  # k=1, 2 (first choices counted) and k >= 3
+
+
+def earlier_outputs_changed_by_the_last_token(cfg: Config, trials: int = 10) -> int:
+    """Evaluation forwards of one 32-token sequence: how many outputs at positions 0..30 change, summed over
+    `trials` random replacements of the token at position 31 alone (docs/routing.md, capacity and causality)."""
+    torch.manual_seed(0)
+    layer = MoELayer(cfg, None).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 32, 16, dtype=torch.float64, generator=gen)
+    y = layer(x)[0]
+    changed = 0
+    for _ in range(trials):
+        x[0, -1] = torch.randn(16, dtype=torch.float64, generator=gen)
+        changed += int((layer(x)[0][0, :-1] != y[0, :-1]).any(-1).sum())
+    return changed
+
+
+@pytest.mark.parametrize("overrides,causal", [
+    (dict(top_k=2, dropless=True), True), (dict(top_k=1, score="sigmoid", dropless=True), True),
+    (dict(top_k=1), True),  # top-1 by position: the last token's only choice ranks last, it can only drop itself
+    (dict(top_k=2), False), (dict(top_k=1, drop_policy="probs"), False), (dict(top_k=1, overflow="reroute"), False),
+    (dict(top_k=2, routing="expert_choice", balance="none"), False)])
+def test_a_capacity_lets_the_last_token_change_earlier_outputs_and_dropless_does_not(overrides, causal):
+    changed = earlier_outputs_changed_by_the_last_token(config(eval_capacity_factor=1.0, **overrides))
+    assert (changed == 0) == causal, changed
 
 
 def test_expert_choice_depends_only_on_the_rank_s_tokens_and_refuses_generation():
