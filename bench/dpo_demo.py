@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dist_moe.data import load_corpus
+from dist_moe.data.sources import iter_source
 
 
 def code_lines(text: str) -> list[str]:
@@ -36,8 +36,8 @@ def take_lines(lines: list[str], start: int, max_chars: int) -> str:
 
 
 def build_pairs(count: int, seed: int, max_corpus_mb: float, rejected_kind: str) -> list[dict]:
-    corpus = load_corpus("stdlib", max_corpus_mb)
-    files = [code_lines(d.text) for d in corpus.documents if d.name.endswith(".py") and len(d.text) > 2000]
+    files = [code_lines(text) for path, text in iter_source("stdlib", max_corpus_mb)
+             if path.endswith(".py") and len(text) > 2000]
     rng = random.Random(seed)
     pairs = []
     while len(pairs) < count:

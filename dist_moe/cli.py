@@ -32,6 +32,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _launch(cfg, args)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from dist_moe.data import prepare
+
+    preset, overrides = _split_preset(args.items)
+    cfg = config.load_config(preset or config.DEFAULT_PRESET, overrides)
+    print(prepare(cfg.data, cfg.cluster, show_progress=True, verify=args.verify))
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     saved = run_dir / "config.yaml"
@@ -222,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="[PRESET] key=value", help="preset and overrides")
     train.add_argument("--nproc", type=int, default=1, help="worker processes on this machine (gloo/nccl)")
     train.set_defaults(fn=cmd_train)
+
+    data = sub.add_parser("data", help="data preparation", parents=[common])
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    data_prepare = data_sub.add_parser(
+        "prepare", help="build the tokenizer and token shards of a config's data.* (docs/data.md)",
+        parents=[common], description="Build (or find, or repair) the prepared folder of the config's data "
+        "sources: tokenizer, token shards, manifest; prints its path. In-process below data.ray_threshold_mb, "
+        "else on Ray Data (cluster.address, or a local Ray). Keys as for `dist-moe train`.")
+    data_prepare.add_argument("items", nargs="*", metavar="[PRESET|CONFIG] key=value", help="preset and overrides")
+    data_prepare.add_argument("--verify", action="store_true", help="hash every shard against the manifest "
+                              "(rebuilding a bad one), not only its size")
+    data_prepare.set_defaults(fn=cmd_data_prepare)
 
     resume = sub.add_parser("resume", help="continue a run from its latest complete checkpoint",
                             parents=[common])

@@ -206,15 +206,28 @@ def _check_moba(cfg: Config, need: _Need) -> None:
 
 
 @dataclass
+class SourceConfig:
+    path: str = _f("", "stdlib | site-packages | a file, folder or glob of text, .jsonl(.gz/.zst), Parquet, "
+                       "or a Hugging Face save_to_disk folder")
+    weight: float = _f(1.0, "sampling proportion (normalised over sources); 0 = held out, validation only")
+    text_key: str = _f("text", "the field (.jsonl) or column (Parquet, Arrow) that holds the text")
+
+
+@dataclass
 class DataConfig:
-    corpus: str = _f("stdlib", "stdlib (the interpreter's standard library) | site-packages (every installed "
-                                "package's .py sources) | a .txt file | a folder | a .jsonl")
+    corpus: str = _f("stdlib", "the one source when data.sources is empty: stdlib (the interpreter's standard "
+                                "library) | site-packages (every installed package's .py sources) | a path")
+    sources: list[SourceConfig] = field(default_factory=list, metadata={
+        "help": "sources to mix: a list of {path, weight, text_key} (docs/data.md); empty = data.corpus"})
     vocab_size: int = _f(4096, "sentencepiece BPE vocabulary size")
     seq_len: int = _f(128, "tokens per training sequence")
-    val_fraction: float = _f(0.02, "fraction of documents held out for validation")
-    max_corpus_mb: float = _f(24.0, "read at most this many MB of text from the corpus (0 = all)")
-    tokenizer_sample_mb: float = _f(8.0, "MB of text the tokenizer is trained on")
-    cache_dir: str = _f("~/.cache/dist_moe", "tokenizers and token shards, keyed by corpus content hash")
+    val_fraction: float = _f(0.02, "fraction of each source's documents held out for validation")
+    max_corpus_mb: float = _f(24.0, "read at most this many MB of files from each source (0 = all)")
+    tokenizer_sample_mb: float = _f(8.0, "MB of text the tokenizer is trained on (a deterministic sample)")
+    dedup: bool = _f(True, "drop exact duplicate documents (the first occurrence is kept)")
+    shard_mb: float = _f(256.0, "target size of one token shard file in MB")
+    ray_threshold_mb: float = _f(256.0, "sources smaller than this are prepared in-process, larger on Ray Data")
+    cache_dir: str = _f("~/.cache/dist_moe", "tokenizers and token shards, keyed by file listing and settings")
     prefs: str = _f("", "dpo: preference pairs, a .jsonl of {prompt, chosen, rejected} rows")
 
 
@@ -224,6 +237,12 @@ def _check_data(cfg: Config, need: _Need) -> None:
     need(d.seq_len <= cfg.model.max_seq_len, "data.seq_len", f"<= model.max_seq_len={cfg.model.max_seq_len}")
     need(0 < d.val_fraction < 0.5, "data.val_fraction", "a fraction in (0, 0.5)")
     need(d.vocab_size >= 256, "data.vocab_size", ">= 256")
+    need(d.shard_mb > 0, "data.shard_mb", "a positive size in MB")
+    need(d.ray_threshold_mb >= 0, "data.ray_threshold_mb", ">= 0 (0 = always Ray Data)")
+    for i, source in enumerate(d.sources):
+        need(bool(source.path), "data.sources", f"a path in every source (source {i} has none)")
+        need(source.weight >= 0, "data.sources", f"weights >= 0 (source {i}: {source.weight})")
+    need(not d.sources or any(s.weight > 0 for s in d.sources), "data.sources", "at least one weight > 0")
     need(cfg.objective != "dpo" or bool(d.prefs), "data.prefs", "a .jsonl file of preference pairs with objective=dpo")
 
 
@@ -539,8 +558,9 @@ def check_world_size(cfg: Config, world_size: int) -> None:
 
 # Keys a checkpoint was built with: changing them on resume would not load or would silently change the run.
 UNRESUMABLE = ("model.", "moba.", "moe.num_experts", "moe.d_expert", "moe.moe_every", "moe.shared_expert", "moe.impl",
-               "moe.noise", "moe.balance", "data.corpus", "data.vocab_size", "data.seq_len", "data.val_fraction",
-               "data.max_corpus_mb", "data.tokenizer_sample_mb", "train.seed")
+               "moe.noise", "moe.balance", "data.corpus", "data.sources", "data.vocab_size", "data.seq_len",
+               "data.val_fraction", "data.max_corpus_mb", "data.tokenizer_sample_mb", "data.dedup", "data.shard_mb",
+               "train.seed")
 
 
 # Keys that shape the weights: a run that starts from another run's checkpoint (DPO) must keep them.

@@ -1,4 +1,4 @@
-"""sentencepiece BPE tokenizer, trained once per corpus and cached by content hash.
+"""sentencepiece BPE tokenizer, trained once per prepared folder on a streamed sample of its sources.
 
 The trainer settings make any text round-trip exactly, source code included: identity normalization (no
 NFKC, whitespace kept as is), no dummy prefix, whitespace-only pieces (indentation), and byte fallback
@@ -8,10 +8,8 @@ shard writer appends it after every document), 2..257 = the 256 byte pieces, the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import random
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,8 +49,9 @@ class Tokenizer:
     space marker) comes back as a plain space.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, threads: int = 0):
         self.path = Path(path)
+        self.threads = threads or num_threads()  # encode_batch's; one per Ray Data worker
         if not self.path.is_file():
             raise DataError(f"tokenizer '{self.path}': no such file")
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
@@ -69,8 +68,8 @@ class Tokenizer:
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Many documents at once, on all cores."""
-        return self._sp.encode(list(texts), num_threads=num_threads())
+        """Many documents at once, on `threads` cores."""
+        return self._sp.encode(list(texts), num_threads=self.threads)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -95,25 +94,6 @@ class Tokenizer:
         return ids[:keep], allowed
 
 
-def tokenizer_key(corpus_hash: str, vocab_size: int, sample_mb: float) -> str:
-    """Cache key of the tokenizer trained on this corpus with these settings."""
-    settings = f"{corpus_hash}|bpe|vocab={vocab_size}|sample_mb={sample_mb:g}|format={TOKENIZER_FORMAT}"
-    return hashlib.sha256(settings.encode()).hexdigest()[:16]
-
-
-def training_sample(texts: Sequence[str], sample_mb: float) -> list[str]:
-    """Whole documents in a fixed shuffled order up to `sample_mb`: spread over the corpus, not its first files."""
-    order = list(range(len(texts)))
-    random.Random(0).shuffle(order)
-    sample, size, limit = [], 0, sample_mb * 1e6
-    for i in order:
-        if size >= limit:
-            break
-        sample.append(texts[i])
-        size += len(texts[i].encode())
-    return sample
-
-
 def training_sentences(texts: Iterable[str]) -> Iterator[str]:
     """Runs of whole lines (newlines kept, so pieces like '):\\n' can be learned) of at most _CHUNK_CHARS;
     longer lines are cut. sentencepiece skips sentences over max_sentence_length, so none may be."""
@@ -131,13 +111,13 @@ def training_sentences(texts: Iterable[str]) -> Iterator[str]:
             yield chunk
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int, sample_mb: float, out_path: Path,
+def train_tokenizer(texts: Iterable[str], vocab_size: int, sample_mb: float, out_path: Path,
                     show_progress: bool = True) -> None:
-    """Train a BPE model of exactly `vocab_size` pieces on up to `sample_mb` of `texts`; write it to `out_path`."""
-    sample = training_sample(texts, sample_mb)
-    size_mb = sum(len(t.encode()) for t in sample) / 1e6
+    """Train a BPE model of exactly `vocab_size` pieces on the first `sample_mb` of `texts` (a stream: only
+    the sample is held, by sentencepiece); write it to `out_path`."""
+    sample = _first_mb(texts, sample_mb)
     model = io.BytesIO()
-    with _spinner(f"training tokenizer (vocab {vocab_size}) on {size_mb:.1f} MB", show_progress):
+    with _spinner(f"training tokenizer (vocab {vocab_size}) on up to {sample_mb:g} MB", show_progress):
         try:
             spm.SentencePieceTrainer.train(sentence_iterator=training_sentences(sample), model_writer=model,
                                            vocab_size=vocab_size, num_threads=num_threads(),
@@ -147,6 +127,16 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, sample_mb: float, out
             raise DataError(f"data.vocab_size={vocab_size}: sentencepiece cannot train it on this corpus "
                             f"({reason})") from None
     write_bytes_atomic(out_path, model.getvalue())
+
+
+def _first_mb(texts: Iterable[str], sample_mb: float) -> Iterator[str]:
+    """Whole documents while fewer than `sample_mb` MB have been taken."""
+    size, limit = 0, sample_mb * 1e6
+    for text in texts:
+        if size >= limit:
+            return
+        yield text
+        size += len(text.encode())
 
 
 @contextmanager

@@ -5,8 +5,7 @@ import sentencepiece as spm
 from synthetic_corpus import CODE_DOC, UNICODE_DOC, make_documents
 
 from dist_moe.data.corpus import DataError
-from dist_moe.data.tokenizer import (Tokenizer, tokenizer_key, train_tokenizer, training_sample,
-                                     training_sentences)
+from dist_moe.data.tokenizer import Tokenizer, train_tokenizer, training_sentences
 
 ROUND_TRIP = [
     CODE_DOC,
@@ -49,12 +48,12 @@ def test_training_is_deterministic(tmp_path, tokenizer):
     assert path.read_bytes() == tokenizer.path.read_bytes()
 
 
-def test_training_sample_takes_whole_documents_up_to_the_limit_spread_over_the_corpus():
-    docs = [f"{i:04d}" * 250 for i in range(100)]  # 1000 bytes each
-    sample = training_sample(docs, 0.0105)
-    assert len(sample) == 11 and len(set(sample)) == 11 and set(sample) <= set(docs)
-    assert sample != docs[:11]
-    assert training_sample(docs, 1.0) != docs and sorted(training_sample(docs, 1.0)) == docs
+def test_training_takes_whole_documents_up_to_the_sample_size_from_a_stream(tmp_path, monkeypatch):
+    taken = []
+    docs = (taken.append(i) or make_documents(n=1, seed=i)[0] for i in range(10_000))  # an endless-ish stream
+    train_tokenizer(docs, 300, 0.01, tmp_path / "t.model", show_progress=False)
+    used = [len(make_documents(n=1, seed=i)[0].encode()) for i in taken[:-1]]  # the last one pulled is not used
+    assert sum(used) - used[-1] < 10_000 <= sum(used)  # whole documents until 0.01 MB is reached
 
 
 def test_training_sentences_keep_every_character_and_stay_under_the_length_limit():
@@ -68,12 +67,6 @@ def test_vocab_too_large_for_the_corpus_is_a_data_error_naming_the_key(tmp_path)
     with pytest.raises(DataError, match=r"data.vocab_size=5000: .*Vocabulary size too high"):
         train_tokenizer(["tiny corpus"] * 3, 5000, 8.0, tmp_path / "t.model", show_progress=False)
     assert not (tmp_path / "t.model").exists()
-
-
-def test_cache_key_changes_with_corpus_and_every_setting():
-    keys = {tokenizer_key("a", 400, 8.0), tokenizer_key("b", 400, 8.0), tokenizer_key("a", 512, 8.0),
-            tokenizer_key("a", 400, 4.0)}
-    assert len(keys) == 4 and tokenizer_key("a", 400, 8.0) == tokenizer_key("a", 400, 8)
 
 
 def test_missing_model_file_is_a_data_error(tmp_path):

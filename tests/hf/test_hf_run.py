@@ -13,7 +13,8 @@ import torch
 
 import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import from_yaml_file
-from dist_moe.data import Tokenizer, load_corpus
+from dist_moe.data import Tokenizer
+from dist_moe.data.sources import iter_source
 from dist_moe.hf.load import generate_from_hf
 
 transformers = pytest.importorskip("transformers")
@@ -84,7 +85,7 @@ def test_exported_tokenizer_encodes_the_corpus_to_our_ids(exported):
     run_dir, out_dir = exported
     ours = Tokenizer(run_dir / "tokenizer.model")
     theirs = transformers.AutoTokenizer.from_pretrained(out_dir)
-    documents = [doc.text for doc in load_corpus("stdlib", 1.0).documents][:200]
+    documents = [text for _, text in iter_source("stdlib", 1.0)][:200]
     assert sum(map(len, documents)) > 500_000
     for text in documents + ["  indented\n\tand tabs ", "naïve ✓ 日本語 \u2581 <0x41>", ""]:
         assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
