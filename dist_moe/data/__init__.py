@@ -16,11 +16,11 @@ from pathlib import Path
 from dist_moe.config import DataConfig
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.data.corpus import Corpus, DataError, Document, load_corpus
-from dist_moe.data.sampler import TokenSampler
+from dist_moe.data.sampler import MixtureSampler
 from dist_moe.data.shards import build_shards, file_sha256, read_meta
 from dist_moe.data.tokenizer import Tokenizer, tokenizer_key, train_tokenizer
 
-__all__ = ["Corpus", "DataError", "Document", "PreparedData", "TokenSampler", "Tokenizer", "load_corpus",
+__all__ = ["Corpus", "DataError", "Document", "MixtureSampler", "PreparedData", "Tokenizer", "load_corpus",
            "load_prepared", "prepare_data"]
 
 

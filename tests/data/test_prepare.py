@@ -4,11 +4,12 @@ import math
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 from synthetic_corpus import make_documents, small_config, write_corpus
 
 from dist_moe.config import DataConfig
-from dist_moe.data import DataError, TokenSampler, Tokenizer, load_prepared, prepare_data
+from dist_moe.data import DataError, Tokenizer, load_prepared, prepare_data
 
 
 def cache_files(cache: Path) -> dict[str, int]:
@@ -81,5 +82,5 @@ def test_stdlib_corpus_end_to_end_with_a_small_cap(tmp_path):
     tokenizer = Tokenizer(prepared.tokenizer_path)
     source = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
     assert tokenizer.decode(tokenizer.encode(source)) == source
-    x, y = TokenSampler(prepared.val_path, 64, 2, seed=0).next_batch()
-    assert x.shape == (2, 64) and int(x.max()) < 512
+    val = np.fromfile(prepared.val_path, dtype=json.loads((prepared.val_path.parent / "meta.json").read_text())["dtype"])
+    assert len(val) == prepared.val_tokens and int(val.max()) < 512
