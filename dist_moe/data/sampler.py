@@ -33,7 +33,7 @@ class MixtureSampler:
 
     def __init__(self, manifest, split: str, seq_len: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1):
-        assert 0 <= rank < world_size and seq_len >= 1 and batch_size >= 1
+        assert 0 <= rank < world_size and seq_len >= 1 and batch_size >= 1 and split in ("train", "val")
         self.folder, self.dtype, self.split = Path(manifest.folder), np.dtype(manifest.dtype), split
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -100,6 +100,9 @@ class MixtureSampler:
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; the seed, batch shape and data mixture must match, or the data would
         silently change. The world size may differ (same global batch)."""
+        if "mixture" not in state:
+            raise DataError("sampler state: no 'mixture' (a checkpoint from before data mixtures); resume it with "
+                            "the dist_moe version that wrote it")
         for key in ("seed", "seq_len", "global_batch_size", "mixture"):
             if state.get(key) != getattr(self, key):
                 raise DataError(f"sampler state: {key}={state.get(key)!r} does not match this run's "

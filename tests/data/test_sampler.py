@@ -117,8 +117,11 @@ def test_loading_a_state_that_does_not_match_is_a_data_error(mix, key, value):
     assert s.step == 0
 
 
-def test_a_resume_on_other_weights_or_shards_is_refused(tmp_path, mix):
+def test_a_resume_on_other_weights_or_shards_or_from_before_mixtures_is_refused(tmp_path, mix):
     state = sampler(mix).state_dict()
+    single_shard_era = {k: state[k] for k in ("seed", "step", "seq_len", "global_batch_size")}
+    with pytest.raises(DataError, match="sampler state: no 'mixture' .a checkpoint from before data mixtures"):
+        sampler(mix).load_state_dict(single_shard_era)
     reweighted = write_prepared(tmp_path / "w", {"web": source(0, 1.0), "code": source(1, 1.0), "held": source(2, 0.0)})
     with pytest.raises(DataError, match="mixture=.*other data sources, weights or shards"):
         sampler(reweighted).load_state_dict(state)
