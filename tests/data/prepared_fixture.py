@@ -33,7 +33,8 @@ def write_prepared(folder: Path, sources: dict[str, dict], dtype: str = "uint16"
                 np.save(Path(folder) / f"{stem}.idx.npy", np.zeros(1, dtype=np.int64))
                 entries.append({"file": f"{stem}.bin", "index": f"{stem}.idx.npy", "source": index, "split": split,
                                 "tokens": len(tokens), "documents": 1, "bytes": len(data),
-                                "sha256": hashlib.sha256(data).hexdigest()})
+                                "sha256": hashlib.sha256(data).hexdigest(),
+                                "unit": 0})  # the work unit that wrote it (i35-prepare's manifest adds it)
                 totals[split] += len(tokens)
         described.append({"name": name, "path": f"/data/{name}", "weight": float(spec.get("weight", 1.0)),
                           "text_key": "text", "documents": len(spec.get("train", [])) + len(spec.get("val", [])),
