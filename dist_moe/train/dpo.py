@@ -114,9 +114,6 @@ class DPO:
         loss, scalars = with_router_losses(self.cfg, losses.mean(), out)
         return loss, scalars | metrics
 
-    def window_scalars(self) -> dict[str, float]:
-        return {}
-
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
         """Every held-out pair once: TRL's metrics and the loss as means over pairs (eval/<name>), plus

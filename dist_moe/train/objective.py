@@ -32,9 +32,6 @@ class Objective(Protocol):
     def micro_step(self, engine) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one micro batch: (the loss to backpropagate, scalars to log as train/<name>, no sync)."""
 
-    def window_scalars(self) -> dict[str, float]:
-        """Host-side scalars logged with each log window's train/ scalars under their names (no sync)."""
-
     def evaluate(self, engine) -> dict[str, float]:
         """Held-out scalars (averaged over ranks), logged under their names."""
 
@@ -98,7 +95,8 @@ class LanguageModeling:
             raise ConfigError(f"tokenizer of {manifest.vocab_size} pieces > model.vocab_size="
                               f"{cfg.model.vocab_size} (init.upcycle_from: give the folder the tokenizer.model it "
                               "was trained with)")
-        self.cfg, self.ctx, self.unigram_entropy_nats = cfg, ctx, manifest.unigram_entropy_nats
+        self.cfg, self.ctx, self.vocab_size = cfg, ctx, manifest.vocab_size
+        self.unigram_entropy_nats = manifest.unigram_entropy_nats
         shape = dict(seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
                      world_size=ctx.world_size)
         self.sampler = MixtureSampler(manifest, "train", seed=cfg.train.seed, **shape)
@@ -114,7 +112,8 @@ class LanguageModeling:
         return with_router_losses(self.cfg, cross_entropy(out.logits, y), out)
 
     def window_scalars(self) -> dict[str, float]:
-        """data/tokens/<source>: tokens drawn per source since step 0 (counted on the host, no sync)."""
+        """data/tokens/<source>: tokens drawn per source since step 0 (counted on the host, no sync); logged
+        with each log window by the loop when an objective has this method."""
         return self.sampler.tokens_seen_scalars()
 
     @torch.no_grad()
