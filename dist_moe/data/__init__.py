@@ -12,15 +12,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_moe.atomic import atomic_output, write_bytes_atomic
+from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import DataConfig
 from dist_moe.data.corpus import DataError
 from dist_moe.data.manifest import Manifest, read_manifest
 from dist_moe.data.prepare import prepare
-from dist_moe.data.sampler import TokenSampler
+from dist_moe.data.sampler import MixtureSampler
 from dist_moe.data.tokenizer import Tokenizer
 
-__all__ = ["DataError", "Manifest", "PreparedData", "TokenSampler", "Tokenizer", "load_prepared", "prepare",
+__all__ = ["DataError", "Manifest", "MixtureSampler", "PreparedData", "Tokenizer", "load_prepared", "prepare",
            "prepare_data", "read_manifest"]
 
 
@@ -53,14 +53,6 @@ class PreparedData:
     def val_tokens(self) -> int:
         return self.manifest.tokens("val")
 
-    @property
-    def train_path(self) -> Path:
-        return joined_split(self.folder, self.manifest, "train")
-
-    @property
-    def val_path(self) -> Path:
-        return joined_split(self.folder, self.manifest, "val")
-
 
 def prepare_data(cfg: DataConfig, run_dir: Path, show_progress: bool = True, tokenizer: Path | None = None,
                  cluster_cfg=None) -> PreparedData:
@@ -88,19 +80,3 @@ def load_prepared(run_dir: Path) -> PreparedData:
     if not tokenizer.is_file():
         raise DataError(f"{tokenizer}: missing (recorded in {path})")
     return PreparedData(folder=folder, tokenizer_path=tokenizer, manifest=read_manifest(folder))
-
-
-def joined_split(folder: Path, manifest: Manifest, split: str) -> Path:
-    """All `split` shards in manifest order as one file, `joined/<split>.bin` (meta.json beside it holds the
-    dtype): the single file the TokenSampler reads until the mixture sampler reads the shards themselves.
-    Written once per prepared folder."""
-    path = folder / "joined" / f"{split}.bin"
-    meta = folder / "joined" / "meta.json"
-    shards = [s for s in manifest.shards if s.split == split]
-    if path.is_file() and path.stat().st_size == sum(s.bytes for s in shards) and meta.is_file():
-        return path
-    with atomic_output(path) as tmp, open(tmp, "wb") as out:
-        for shard in shards:
-            out.write((folder / shard.file).read_bytes())
-    write_bytes_atomic(meta, json.dumps({"dtype": manifest.dtype}).encode())
-    return path

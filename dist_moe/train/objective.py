@@ -14,13 +14,13 @@ import torch
 
 from dist_moe.config import Config, ConfigError
 from dist_moe.data import load_prepared, prepare_data
-from dist_moe.data.sampler import TokenSampler
+from dist_moe.data.sampler import MixtureSampler
 from dist_moe.model.loss import cross_entropy, with_router_losses
 from dist_moe.train.engine import DistContext
 
 
 class Objective(Protocol):
-    sampler: TokenSampler  # anything with state_dict/load_state_dict: its position is saved with checkpoints
+    sampler: MixtureSampler  # anything with state_dict/load_state_dict: its position is saved with checkpoints
     tokens_per_micro_batch: int  # per rank, for throughput and the summary
 
     def start(self, engine) -> None:
@@ -45,7 +45,7 @@ def build_objective(cfg: Config, run_dir: Path, ctx: DistContext) -> Objective:
         from dist_moe.train.dpo import DPO
 
         return DPO(cfg, run_dir, ctx)
-    return LanguageModeling(cfg, run_dir, ctx)
+    return LanguageModeling(cfg, ctx, prepared_manifest(cfg, run_dir, ctx))
 
 
 def _init_tokenizer(cfg: Config):
@@ -57,24 +57,32 @@ def _init_tokenizer(cfg: Config):
     return hf_load.init_tokenizer(cfg)
 
 
-class LanguageModeling:
-    """Pretraining: mean next-token cross-entropy on windows of the corpus's token shards."""
+def prepared_manifest(cfg: Config, run_dir: Path, ctx: DistContext):
+    """The prepared data's manifest (docs/data.md): rank 0 prepares it (or finds it cached; on Ray Data where
+    the corpus is large), then every rank reads it from the run dir's record."""
+    if ctx.is_main:
+        prepare_data(cfg.data, run_dir, show_progress=True, tokenizer=_init_tokenizer(cfg), cluster_cfg=cfg.cluster)
+    torch.distributed.barrier()
+    return load_prepared(run_dir).manifest
 
-    def __init__(self, cfg: Config, run_dir: Path, ctx: DistContext):
-        if ctx.is_main:
-            self.prepared = prepare_data(cfg.data, run_dir, show_progress=True, tokenizer=_init_tokenizer(cfg))
-        torch.distributed.barrier()
-        if not ctx.is_main:
-            self.prepared = load_prepared(run_dir)
+
+class LanguageModeling:
+    """Pretraining: mean next-token cross-entropy on windows drawn from the prepared sources' token shards,
+    each source in proportion to its mixture weight; evaluated per source on its held-out documents."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, manifest):
         if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.prepared.vocab_size
-        if self.prepared.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer of {self.prepared.vocab_size} pieces > model.vocab_size="
+            cfg.model.vocab_size = manifest.vocab_size
+        if manifest.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"tokenizer of {manifest.vocab_size} pieces > model.vocab_size="
                               f"{cfg.model.vocab_size} (init.upcycle_from: give the folder the tokenizer.model it "
                               "was trained with)")
-        self.cfg, self.ctx = cfg, ctx
-        self.sampler = TokenSampler(self.prepared.train_path, cfg.data.seq_len, cfg.train.micro_batch_size,
-                                    seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
+        self.cfg, self.ctx, self.vocab_size = cfg, ctx, manifest.vocab_size
+        self.unigram_entropy_nats = manifest.unigram_entropy_nats
+        shape = dict(seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size, rank=ctx.rank,
+                     world_size=ctx.world_size)
+        self.sampler = MixtureSampler(manifest, "train", seed=cfg.train.seed, **shape)
+        self.val = MixtureSampler(manifest, "val", seed=0, **shape)
         self.tokens_per_micro_batch = cfg.train.micro_batch_size * cfg.data.seq_len
 
     def start(self, engine) -> None:
@@ -85,23 +93,39 @@ class LanguageModeling:
         out = engine(x)
         return with_router_losses(self.cfg.moe, cross_entropy(out.logits, y), out)
 
+    def window_scalars(self) -> dict[str, float]:
+        """data/tokens/<source>: tokens drawn per source since step 0 (counted on the host, no sync); logged
+        with each log window by the loop when an objective has this method."""
+        return self.sampler.tokens_seen_scalars()
+
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
-        """Mean cross-entropy over a fixed set of val windows (the same every time), averaged over ranks."""
-        cfg, ctx = self.cfg, self.ctx
+        """val/loss/<source>: mean cross-entropy over a fixed set of the source's val windows (the same every
+        time), averaged over ranks; val/loss: their mean weighted by the mixture weights, so held-out sources
+        (weight 0) appear only under their own name."""
+        cfg, ctx, val = self.cfg, self.ctx, self.val
         engine.eval()
-        val = TokenSampler(self.prepared.val_path, cfg.data.seq_len, cfg.train.micro_batch_size, seed=0,
-                           rank=ctx.rank, world_size=ctx.world_size)
-        total = torch.zeros((), device=ctx.device)
-        for x, y in val.eval_batches(cfg.train.eval_batches):
-            x, y = x.to(ctx.device), y.to(ctx.device)
-            total += cross_entropy(engine(x).logits, y)
-        torch.distributed.all_reduce(total)
-        return {"val/loss": total.item() / (cfg.train.eval_batches * ctx.world_size)}
+        totals = torch.zeros(len(val.sources), device=ctx.device)
+        for i, source in enumerate(val.sources):
+            for x, y in val.eval_batches(cfg.train.eval_batches, source):
+                x, y = x.to(ctx.device), y.to(ctx.device)
+                totals[i] += cross_entropy(engine(x).logits, y)
+        torch.distributed.all_reduce(totals)  # one for all sources
+        losses = {source: total / (cfg.train.eval_batches * ctx.world_size)
+                  for source, total in zip(val.sources, totals.tolist())}
+        scores = {f"val/loss/{val.names[source]}": loss for source, loss in losses.items()}
+        weights = {source: float(val.weights[source]) for source in val.sources if val.weights[source] > 0}
+        scores["val/loss"] = sum(weights[j] * losses[j] for j in weights) / sum(weights.values())
+        return scores
 
     def describe(self, scores: dict[str, float]) -> str:
-        return f"val loss {scores['val/loss']:.4f}"
+        per_source = [f"{name.removeprefix('val/loss/')} {loss:.4f}" for name, loss in scores.items()
+                      if name.startswith("val/loss/")]
+        return f"val loss {scores['val/loss']:.4f}" + (f" ({', '.join(per_source)})" if len(per_source) > 1 else "")
 
     def summary(self, scores: dict[str, float]) -> dict:
-        return {"val_loss": scores.get("val/loss", float("nan")),
-                "unigram_entropy": self.prepared.unigram_entropy_nats}
+        """val_loss and the unigram entropy (the loss to beat); with several sources also val_loss per source."""
+        by_source = {name.removeprefix("val/loss/"): loss for name, loss in scores.items()
+                     if name.startswith("val/loss/")}
+        return {"val_loss": scores.get("val/loss", float("nan")), "unigram_entropy": self.unigram_entropy_nats,
+                **({"val_loss_by_source": by_source} if len(self.val.sources) > 1 else {})}

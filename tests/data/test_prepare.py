@@ -218,14 +218,6 @@ def test_stdlib_corpus_end_to_end_with_a_small_cap(tmp_path):
     assert tokenizer.decode(tokenizer.encode(source)) == source
 
 
-def test_joined_split_is_the_shards_in_manifest_order(tmp_path):
-    cfg = small_config(write_corpus(tmp_path / "c", make_documents(n=60)), tmp_path / "cache", shard_mb=0.002)
-    prepared = prepare_data(cfg, tmp_path / "run", show_progress=False)
-    folder = prepared.folder
-    joined = b"".join((folder / s.file).read_bytes() for s in prepared.manifest.shards if s.split == "train")
-    assert prepared.train_path.read_bytes() == joined
-
-
 def test_dist_moe_data_prepare_prints_the_folder_and_names_a_missing_path_in_one_line(corpus_dir, tmp_path):
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "dist_moe.cli", "data", "prepare", *args,

@@ -68,14 +68,18 @@ def worst_error(got, want):
 def assert_same_state(got, want):
     steps = {k: v for k, v in want["adam"].items() if k[2] == "step"}
     assert set(steps.values()) == {4} and {k: got["adam"][k] for k in steps} == steps  # bias correction continues
+    assert got["sampler"] == want["sampler"] and got["sampler"]["step"] == 4  # position, mixture, tokens per source
     for kind in ("weights", "adam"):
         error, key = worst_error(got[kind], want[kind])
         assert error <= TOLERANCE, f"{kind} {key}: relative error {error:.2e}"
 
 
 def state_at_step_4(run_dir):
+    """Weights, Adam state and the data sampler's position (the same on every rank: it is global)."""
     ckpt = run_dir / "checkpoints" / "step_00000004"
-    return {"weights": weights(ckpt), "adam": adam_state(ckpt)}
+    samplers = [torch.load(file, weights_only=False)["sampler"] for file in sorted(ckpt.glob("trainer_rank*.pt"))]
+    assert all(sampler == samplers[0] for sampler in samplers)
+    return {"weights": weights(ckpt), "adam": adam_state(ckpt), "sampler": samplers[0]}
 
 
 def resume(run_dir, nproc, cache_dir, max_steps=4):

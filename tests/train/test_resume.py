@@ -142,6 +142,10 @@ def test_ep2_checkpoint_resumes_on_one_process_with_the_same_next_loss(tmp_path,
     assert_ok(result)
     assert "re-sharded" in result.stderr
     assert losses(split)[4] == pytest.approx(losses(straight)[4], rel=1e-5)
+    # the data position crossed too: the same step, global batch, mixture and tokens drawn per source
+    saved = [torch.load(run / "checkpoints" / "step_00000004" / "trainer_rank0.pt", weights_only=False)["sampler"]
+             for run in (split, straight)]
+    assert saved[0] == saved[1] and saved[0]["step"] == 4 and sum(saved[0]["tokens_seen"].values()) == 4 * 16 * 64
 
 
 def test_resume_refuses_a_changed_model_key_a_missing_run_dir_and_an_older_parameter_layout(tmp_path, cache_dir):
