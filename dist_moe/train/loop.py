@@ -14,11 +14,11 @@ import torch
 
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.config import Config, ConfigError, check_resumable, from_yaml_file, grad_accum_dtype, to_yaml
-from dist_moe.model.moe.layer import bound_overflows
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.model.transformer import Transformer, num_parameters
 from dist_moe.parallel.groups import expert_parallel_group, node_layout
 from dist_moe.train import checkpoint
+from dist_moe.train.bounded_exchange import apply_bounded_exchange, overflows
 from dist_moe.train.engine import (DistContext, build_engine, destroy_process_group_at_exit, follow_schedule,
                                    init_distributed)
 from dist_moe.train.expert_load import ExpertLoadTracker
@@ -68,7 +68,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
         check_resumable(from_yaml_file(run_dir / "config.yaml"), cfg)
 
     torch.manual_seed(cfg.train.seed)  # identical non-expert init on every rank
-    model = Transformer(cfg, ep_group=expert_parallel_group(cfg.moe.ep_size))
+    model = apply_bounded_exchange(Transformer(cfg, ep_group=expert_parallel_group(cfg.moe.ep_size)))
     if hf_init and not resuming:
         hf_load.load_init_weights(model, cfg)
         say(ctx, f"initialised from {cfg.init.from_hf or cfg.init.upcycle_from}"
@@ -112,7 +112,7 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
         clock.saved()
         say(ctx, f"checkpoint {path}")
 
-    overflows_before = bound_overflows(engine.module)  # moe.exchange=bounded: redone forwards, logged per window
+    overflows_before = overflows(engine.module)  # moe.exchange=bounded: redone forwards, logged per window
     scores: dict[str, float] = {}  # no evaluation yet (a stop before the first one): null in summary.json
     if step == 0:  # where training starts from, as a baseline for every later evaluation
         heartbeat.enter("evaluation")
@@ -138,8 +138,8 @@ def _train(cfg: Config, ctx: DistContext, stop: StopRequest, heartbeat: Heartbea
                 "perf/mfu": mfu(flops_per_token, tokens_per_second / ctx.world_size, peak),
             }
             if cfg.moe.exchange == "bounded":  # forwards redone since the last line (evaluations included)
-                overflows = bound_overflows(engine.module)
-                scalars["moe/bound_overflows"], overflows_before = overflows - overflows_before, overflows
+                overflows_now = overflows(engine.module)
+                scalars["moe/bound_overflows"], overflows_before = overflows_now - overflows_before, overflows_now
             metrics.log(step, scalars)
             say(ctx, f"step {step:>6}/{cfg.train.max_steps} | loss {scalars['train/loss']:.4f} | "
                      f"aux {scalars['train/aux_loss']:.3f} | lr {scalars['train/lr']:.2e} | "
