@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from dist_moe.config import Config, ConfigError
+from dist_moe.config import Config
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import TokenSampler
 from dist_moe.model.loss import cross_entropy
@@ -23,6 +23,7 @@ from dist_moe.train.engine import DistContext
 class Objective(Protocol):
     sampler: TokenSampler  # anything with state_dict/load_state_dict: its position is saved with checkpoints
     tokens_per_micro_batch: int  # per rank, for throughput and the summary
+    vocab_size: int  # the tokenizer's pieces: the model's vocabulary where model.vocab_size is 0
 
     def start(self, engine) -> None:
         """Called once the engine exists, before a checkpoint of this run (if any) is loaded into it."""
@@ -73,12 +74,7 @@ class LanguageModeling:
         torch.distributed.barrier()
         if not ctx.is_main:
             self.prepared = load_prepared(run_dir)
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = self.prepared.vocab_size
-        if self.prepared.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer of {self.prepared.vocab_size} pieces > model.vocab_size="
-                              f"{cfg.model.vocab_size} (init.upcycle_from: give the folder the tokenizer.model it "
-                              "was trained with)")
+        self.vocab_size = self.prepared.vocab_size
         self.cfg, self.ctx = cfg, ctx
         self.sampler = TokenSampler(self.prepared.train_path, cfg.data.seq_len, cfg.train.micro_batch_size,
                                     seed=cfg.train.seed, rank=ctx.rank, world_size=ctx.world_size)
