@@ -1,9 +1,7 @@
-"""The decoder-only MoE transformer, top to bottom in the order a token meets it.
-
-tokens -> embedding -> Block x L (RMSNorm -> GQA attention with RoPE; RMSNorm -> MoE or dense SwiGLU FFN)
--> RMSNorm -> LM head (tied with the embedding by default). Plain PyTorch: the model knows nothing about
-parallelism except that MoE layers take this rank's expert-parallel group (None in one process); what
-DeepSpeed's engine needs of it is applied from outside (train/deepspeed_moe.py).
+"""The decoder-only MoE transformer, top to bottom in the order a token meets it: tokens -> embedding ->
+Block x L (RMSNorm -> GQA attention with RoPE; RMSNorm -> MoE or dense SwiGLU FFN) -> RMSNorm -> LM head (tied
+with the embedding by default). Plain PyTorch: MoE layers take this rank's expert-parallel group (None in one
+process); what DeepSpeed's engine or the bounded exchange need is applied from outside (train/).
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """The MoE FFN: router -> dispatch -> (exchange) -> experts -> (exchange back) -> weighted combine.
-
-`MoELayer(cfg, ep_group)` is plain PyTorch:
-    forward(x: (B, T, D)) -> (y: (B, T, D), aux_loss: () fp32, z_loss: () fp32)   (unweighted losses)
-    layer.last_stats: MoEStats of the last forward (detached tensors, no host sync).
-With moe.exchange=bounded a forward must be checked for overflow (train/bounded_exchange.py applies that).
-What DeepSpeed's engine needs of it (its MoE class, parameter marks, per-expert checkpoint keys) and the
-DeepSpeed baseline (moe.impl=deepspeed) are applied from outside: see train/deepspeed_moe.py.
+`MoELayer(cfg, ep_group)` is plain PyTorch: forward(x (B, T, D)) -> (y (B, T, D), aux_loss, z_loss: () fp32,
+unweighted); `last_stats` holds the last forward's routing statistics. What DeepSpeed's engine needs of it and the
+bounded exchange's overflow check are applied from outside (train/deepspeed_moe.py, train/bounded_exchange.py).
 """
 
 from __future__ import annotations

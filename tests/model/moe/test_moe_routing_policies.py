@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from deepspeed.moe import sharded_moe
+from kept_rows import w1_w3
 from moe_reference import (naive_combine, naive_expert_choice, naive_keep, naive_reroute, naive_route, naive_scores,
                            naive_switch_loss)
 
@@ -58,7 +59,7 @@ def test_reroute_layer_equals_naive_per_token_reference(top_k, tries, policy):
     kept = naive_keep(choices, probs, 6, capacity, policy)
     experts, kept, rerouted = naive_reroute(probs, choices, kept, capacity, tries, policy, lambda t, e: probs[t, e])
     e = layer.experts
-    y_ref = naive_combine(x.view(-1, 16), gated(experts, kept, lambda t, e: probs[t, e], True), *e.w1_w3(), e.w2)
+    y_ref = naive_combine(x.view(-1, 16), gated(experts, kept, lambda t, e: probs[t, e], True), *w1_w3(e), e.w2)
     y, aux, _ = layer(x)
     torch.testing.assert_close(y.view(-1, 16), y_ref, rtol=1e-5, atol=1e-6)  # fp32 gates
     torch.testing.assert_close(aux.double(), naive_switch_loss(probs, choices, 6), rtol=1e-6, atol=0)  # pre-reroute
@@ -88,7 +89,7 @@ def test_expert_choice_layer_equals_naive_per_token_reference(capacity_factor):
     assignments = [[(e, probs[t, e]) for e in range(6) if t in picks[e]] for t in range(30)]
     e = layer.experts
     y, aux, _ = layer(x)
-    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *e.w1_w3(), e.w2),
+    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *w1_w3(e), e.w2),
                                rtol=1e-5, atol=1e-6)  # fp32 gates
     assert float(aux) == 0.0
     assert layer.last_stats.tokens_per_expert.tolist() == [len(p) for p in picks]
@@ -120,7 +121,7 @@ def test_sigmoid_scores_weights_are_normalised_over_the_top_k(top_k):
     y, _, _ = layer(x)  # k=1: the one weight is 1, as DeepSeek-V3 normalises
     assignments = [[(e, sig[t, e] / sig[t, choices[t]].sum()) for e in choices[t]] for t in range(30)]
     e = layer.experts
-    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *e.w1_w3(), e.w2),
+    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *w1_w3(e), e.w2),
                                rtol=1e-5, atol=1e-6)  # fp32 gates
 
 
