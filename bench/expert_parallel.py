@@ -6,7 +6,7 @@ the schedule, not speed). For every EP size 2, 4, 8, ... up to the world size:
 (1) exchange: the layer's round trip (rows to their experts and back, identity experts) on a real routing plan,
     against two all_to_all_single of even splits carrying the same kept-row bytes; bus bandwidth = bytes per
     rank / time * (P-1)/P (nccl-tests' convention; padding slots do not count as bytes). The bounded exchange
-    carries the same plan and includes its overflow check (fit_peer_slots: one all-reduce and host read, which
+    carries the same plan and includes its overflow check (check_overflows: one all-reduce and host read, which
     a model pays once per forward, not per layer).
 (2) weak scaling: every rank holds T tokens; EP=1 runs E_local experts alone, EP=P spreads E_local*P experts
     over P ranks, so tokens and expert FLOPs per rank are equal. Forward+backward step time, median over
@@ -38,8 +38,9 @@ from results_io import run_meta, write_results  # bench/, beside this script
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dist_moe.config import Config  # noqa: E402
 from dist_moe.model.moe.dispatch import expert_capacity, route  # noqa: E402
-from dist_moe.model.moe.layer import MoELayer, forward_within_bounds  # noqa: E402
-from dist_moe.parallel.exchange import fit_peer_slots  # noqa: E402
+from dist_moe.model.moe.layer import MoELayer  # noqa: E402
+from dist_moe.parallel.exchange import check_overflows  # noqa: E402
+from dist_moe.train.bounded_exchange import forward_without_overflow  # noqa: E402
 from dist_moe.parallel.groups import expert_parallel_group  # noqa: E402
 
 GPU_SHAPE = dict(T=16384, D=2048, F=5632, E_LOCAL=8, K=2)
@@ -115,8 +116,8 @@ def bench_exchange(shape: dict, ep: int, group, rank: int, chunks: int, steps: i
 
         def round_trip():
             exchange(rows, plan.tokens_per_expert, capacity, lambda r, counts: r, ())
-            if exchange.peer_slots is not None:  # the bounded exchange's check (the warmup fits the bound)
-                fit_peer_slots([exchange.peer_slots])
+            if exchange.rows_per_peer is not None:  # the bounded exchange's check (the warmup fits its limits)
+                check_overflows([exchange.rows_per_peer])
 
         with torch.no_grad():
             ms = timed(round_trip, steps, 2)
@@ -130,7 +131,7 @@ def training_step(moe: MoELayer, x: torch.Tensor, grad_y: torch.Tensor):
     params = list(moe.parameters()) + [x]
 
     def step():
-        forward_within_bounds(moe, lambda: moe(x))[0].backward(grad_y)
+        forward_without_overflow(moe, lambda: moe(x))[0].backward(grad_y)
         for p in params:
             p.grad = None
 

@@ -139,7 +139,7 @@ def bench_layers(name: str, s: dict, profile: bool) -> list[dict]:
         try:
             if build is None:  # right after dist_moe dropless: same weights, then dist_moe's copy goes
                 e = ours.experts
-                module = PlainGroupedMM(ours.router.weight, *e.w1_w3(), e.w2, s["k"])
+                module = PlainGroupedMM(ours.router.weight, *e.w13.chunk(2, dim=2), e.w2, s["k"])
                 with torch.no_grad():
                     reference = ours(x)[0].float()
                     y = forward(module, x).float()

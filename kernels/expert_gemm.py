@@ -48,7 +48,7 @@ def choose_backend(x: torch.Tensor, w: torch.Tensor, tiles: Optional[Tiles], wei
     """'gluon' | 'triton' | 'torch' | 'loop' for the product of x's segments with w (weight_grad: x_i^T w_i).
 
     The weight gradient's Gluon-or-torch verdict is timed once per shape with CUDA events (the first backward
-    syncs for it) and remembered (H100, shape (b): Gluon 10% faster for w2's gradient, 8% slower for w13's).
+    syncs for it) and remembered: neither wins everywhere (bench/results/moe_notes.md).
     """
     if tiles is not None and not weight_grad:
         return "gluon" if grouped_gemm.GLUON else "triton"

@@ -7,7 +7,7 @@ runs it instead of its Triton forward at D = 128 in 16 bits without a window, on
 log-sum-exp of the scaled scores (softmax in base 2, log2(e) folded into the scale), so the Triton backward
 consumes it unchanged. Any N: TMA zero-fills rows past N and clips the O store.
 
-Why Gluon: Triton 3.6 waits on every wgmma before the softmax after it (notes v6b). Here a consumer warpgroup
+Why Gluon: Triton 3.6 waits on every wgmma before the softmax after it (bench/results/attention_notes.md). Here a consumer warpgroup
 issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} as async wgmma, waits for S_j alone (`warpgroup_mma_wait(1)`) and
 runs the softmax of S_j while P_{j-1} V_{j-1} is on the tensor cores. K/V stream through STAGES shared-memory
 slots filled by TMA, from a one-warp producer partition or issued by the consumer itself. With CONSUMERS=2 two
@@ -313,9 +313,7 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, Hq, N, GROUP,
 # (BLOCK_M, BLOCK_N, STAGES, CONSUMERS, OVERLAP, PRODUCER, PINGPONG); CONSUMERS=1 runs BLOCK_M / 16 warps in one
 # partition, CONSUMERS=2 one warpgroup per partition (+ the producer warp: 168 registers at launch, 240 per
 # consumer after setmaxnreg, no spills, 164 KB shared memory at 128x128 with 2 stages). The other settings are
-# the measured alternatives (bench/gluon_fwd_check.py; H100, causal bf16 GQA, TF/s at N = 2k / 8k): this one
-# 491 / 582, without ping-pong 494 / 580, 3 stages 492 / 578, 128x64 450 / 518, one 8-warp partition 418-429
-# / 493-513, no overlap (FA2 order) 474 / 545; cuDNN 521 / 575, our Triton forward 417 / 486.
+# the alternatives bench/gluon_fwd_check.py times (results: bench/results/attention_notes.md).
 DEFAULT_CONFIG = (128, 128, 2, 2, True, True, True)
 
 

@@ -34,7 +34,7 @@ if GLUON:
     from .grouped_gemm_gluon import grouped_mm_gluon, grouped_mm_weight_grad_gluon  # noqa: F401
 
 
-# The best of those measured at shape (b) on an H100 (moe_notes.md, version 6); small ones under the interpreter.
+# The best tile of those timed (bench/results/moe_notes.md); small ones under the interpreter.
 _HOPPER_TILE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=3, num_warps=8)
 _INTERPRETER_TILE = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, num_stages=1, num_warps=4)
 _GROUP_M = 8  # M-tiles that sweep N together, so their A rows and the expert's weights stay in L2

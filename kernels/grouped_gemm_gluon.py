@@ -1,28 +1,8 @@
 """The experts' grouped GEMMs for Hopper (sm_90) in Gluon, warp specialised; the experts run them on Triton 3.6.
-
-`grouped_mm_gluon(x, w, tiles)` computes what `kernels.grouped_gemm.grouped_mm` computes (row segment e of x
-times w[e]) from the same tile map (`expert_tiles`, BLOCK_M = 128) and must equal `grouped_mm_reference`.
-`grouped_mm_weight_grad_gluon(x, grad, ends)` is its weight gradient, x_e^T grad_e summed over each segment's
-rows, as torch._grouped_mm(x.t(), grad, offs=ends) computes it.
-
-Why: in the Triton kernel each tile's first TMA loads are issued only after the previous tile's epilogue, so
-every tile starts with the pipeline empty; on the experts' short K (1408-2816, 22-44 blocks) that costs up to
-12%. Here one producer warp streams the A and B blocks of all of a program's tiles through a ring of STAGES
-slots, so the next tile's first blocks land while the two consumer warpgroups (64 rows of the 128 x 256 tile
-each) run the epilogue. Measured on an H100 at shape (b), three runs (bench/results/moe_gemm_shapes_*,
-moe_notes.md version 7): the row kernel 0-12% faster than torch._grouped_mm on each of the four row-grouped
-GEMMs, and level with or up to 12% faster than the Triton kernel (once 2% slower); the weight-gradient kernel
-5-10% faster than torch._grouped_mm for w2's gradient, 8-11% slower for w13's (the experts time both once per
-shape and keep the faster).
-
-Tried and dropped (notes v7): two consumers with a 128 x 128 tile each taking turns (CUTLASS's ping-pong, so
-one's epilogue runs under the other's main loop), 556-595 TF/s against 578-655, as it reads twice the shared
-memory per FLOP; the SwiGLU pass in the up projection's epilogue, in the consumers (+0.42 ms against the GEMM
-and the 0.32 ms pass) or in a third partition of 2-4 warps (+0.10-0.12 ms): two warps cannot keep up with the
-main loop, and four fit beside the consumers only without the producer warp. Notes v8: the SwiGLU pass made in
-the down projection's A registers (2.14 against 1.49 ms: two MUFU operations an element as long as the MMA), and
-a half-width last column tile for N = 1408 (no faster). ncu: the up projection's tensor pipe runs within ~12% of
-its peak at the 1.55 GHz the power limit leaves.
+`grouped_mm_gluon(x, w, tiles)` equals `kernels.grouped_gemm.grouped_mm` (same tile map) and
+`grouped_mm_weight_grad_gluon(x, grad, ends)` equals torch._grouped_mm(x.t(), grad, offs=ends). Why: one producer
+warp streams every tile's blocks through a ring of STAGES slots, so the next tile's loads land while the consumers
+run the epilogue (the Triton kernel starts each tile empty). Measurements: bench/results/moe_notes.md.
 """
 import torch
 import triton
@@ -191,8 +171,8 @@ def _grouped_mm_gluon_kernel(a_desc, b_desc, c_desc, C, ENDS, TILE_ENDS, E, N, K
 
 
 # Both kernels: a 128 x 256 tile (128 accumulator registers a thread) over 64-wide K blocks, three 48 KB slots and
-# the 64 KB output tile, 208 KB of shared memory; GROUP_M M-tiles sweep N together. Two stages measured 22-28%
-# slower, GROUP_M 16 within 1%. BLOCK_M is the Triton kernel's, so that both read one expert_tiles map.
+# the 64 KB output tile, 208 KB of shared memory; GROUP_M M-tiles sweep N together (alternatives timed:
+# bench/results/moe_notes.md). BLOCK_M is the Triton kernel's, so that both read one expert_tiles map.
 BM, BN, BK, STAGES, GROUP_M = 128, 256, 64, 3, 8
 
 

@@ -13,6 +13,7 @@ writes one); generation uses transformers' tokenizer.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -48,8 +49,9 @@ def _source(cfg: Config) -> tuple[str, bool]:
     return (cfg.init.upcycle_from, True) if cfg.init.upcycle_from else (cfg.init.from_hf, False)
 
 
-def apply_init_config(cfg: Config) -> None:
-    """Take the model's shape from the init folder's config.json (and its weights' shared expert)."""
+def apply_init_config(cfg: Config) -> Config:
+    """A copy of cfg with the model's shape from the init folder's config.json (and its weights' shared expert)."""
+    cfg = copy.deepcopy(cfg)
     path, dense = _source(cfg)
     if cfg.moe.impl != "dist_moe":
         raise ConfigError(f"config key 'moe.impl' = {cfg.moe.impl!r}: expected 'dist_moe' with init.from_hf / "
@@ -64,6 +66,7 @@ def apply_init_config(cfg: Config) -> None:
     elif read_config(path)["model_type"] == "qwen2_moe":
         cfg.moe.shared_expert = adapter.qwen2_shared_expert(read_weights(path), cfg, path)
     validate(cfg)
+    return cfg
 
 
 def init_tokenizer(cfg: Config) -> Path | None:
@@ -131,8 +134,7 @@ def generate_from_hf(path: str | Path, prompt: str, max_new_tokens: int, tempera
     from dist_moe.model.transformer import Transformer, generate
 
     transformers = require_transformers()
-    cfg = load_config(None, [f"init.from_hf={path}", "moe.dropless=true"])
-    apply_init_config(cfg)
+    cfg = apply_init_config(load_config(None, [f"init.from_hf={path}", "moe.dropless=true"]))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     model = Transformer(cfg)
     load_init_weights(model, cfg)

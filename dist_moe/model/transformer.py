@@ -1,9 +1,7 @@
-"""The decoder-only MoE transformer, top to bottom in the order a token meets it.
-
-tokens -> embedding -> Block x L (RMSNorm -> GQA attention with RoPE; RMSNorm -> MoE or dense SwiGLU FFN)
--> RMSNorm -> LM head (tied with the embedding by default). Plain PyTorch: the model knows nothing about
-parallelism except that MoE layers take this rank's expert-parallel group (None in one process); what
-DeepSpeed's engine needs of it is applied from outside (train/deepspeed_moe.py).
+"""The decoder-only MoE transformer, top to bottom in the order a token meets it: tokens -> embedding ->
+Block x L (RMSNorm -> GQA attention with RoPE; RMSNorm -> MoE or dense SwiGLU FFN) -> RMSNorm -> LM head (tied
+with the embedding by default). Plain PyTorch: MoE layers take this rank's expert-parallel group (None in one
+process); what DeepSpeed's engine or the bounded exchange need is applied from outside (train/).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from torch import nn
 from dist_moe.config import Config, ConfigError, expert_width, is_moba_layer, is_moe_layer
 from dist_moe.model.attention import GroupedQueryAttention, KVCache
 from dist_moe.model.moe.experts import SwiGLU
-from dist_moe.model.moe.layer import MoELayer, forward_within_bounds
+from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.norm import RMSNorm
 from dist_moe.model.rope import rope_cache
 
@@ -83,22 +81,10 @@ class Transformer(nn.Module):
                         linear.weight.normal_(0.0, out_std if name in ("wo", "w2") else std)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> ModelOutput:
-        """tokens (B, T) int64 -> logits (B, T, V) and the summed router losses. With moe.exchange=bounded the
-        pass is redone where an exchange overflowed its bound (forward_within_bounds), caches as they were."""
+        """tokens (B, T) int64 -> logits (B, T, V) and the summed router losses (unweighted)."""
         offset = caches[0].length if caches else 0
         if offset + tokens.shape[1] > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {offset + tokens.shape[1]} tokens > model.max_seq_len={self.rope_cos.shape[0]}")
-        if self.cfg.moe.exchange != "bounded":  # nothing to check or redo: no module walk, no cache copies
-            return self._forward(tokens, caches)
-        cached = [vars(cache).copy() for cache in caches or []]
-
-        def undo():
-            for cache, fields in zip(caches or [], cached):
-                vars(cache).update(fields)
-
-        return forward_within_bounds(self, lambda: self._forward(tokens, caches), undo)
-
-    def _forward(self, tokens: torch.Tensor, caches: list[KVCache] | None) -> ModelOutput:
         x = self.embed(tokens)  # (B, T, D)
         aux_loss = z_loss = torch.zeros((), device=tokens.device)
         for i, block in enumerate(self.blocks):

@@ -1,10 +1,7 @@
 """Asynchronous all-to-alls over an EP group: flat, or hierarchical (inside each node, then across nodes once).
-
-`start_all_to_all` launches the exchange and returns at once with a `Pending`; `Pending.wait()` hands back
-the received rows. Under NCCL the collective runs on the process group's own CUDA stream (the dedicated
-communication stream) and `wait()` only makes the current stream wait for it, with no host sync; under gloo
-it runs on gloo's background thread. Both are collectives over the group: every rank of it must start them,
-also when it sends or receives nothing.
+`start_all_to_all` returns at once with a `Pending` whose `wait()` hands back the received rows: under NCCL the
+collective runs on the group's own stream and `wait()` only orders the current stream after it (no host sync);
+under gloo it runs on gloo's thread. Collectives: every rank of the group starts them, even with nothing to send.
 """
 
 from __future__ import annotations

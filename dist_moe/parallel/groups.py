@@ -1,10 +1,7 @@
-"""Expert-parallel process groups, created and owned by DeepSpeed (`deepspeed.utils.groups`).
-
-The only module that touches deepspeed.utils.groups. With world size W and EP size P (DeepSpeed's default
-"E + D" layout): EP groups are consecutive ranks [0..P-1], [P..2P-1], ... (the all-to-all runs inside
-one); expert-data-parallel groups are strided ranks {i, i+P, i+2P, ...} (ZeRO reduces and shards expert
-parameters there). Non-expert parameters use the whole data-parallel group. Groups are keyed by
-`expert_group_name(P)`, the `group_name` DeepSpeed expects on every expert parameter.
+"""Expert-parallel process groups, created and owned by DeepSpeed (`deepspeed.utils.groups`); the only module that
+touches them. DeepSpeed's "E + D" layout for world size W and EP size P: EP groups are consecutive ranks (the
+all-to-all runs inside one), expert-data-parallel groups strided ranks {i, i+P, ...} (ZeRO reduces expert
+parameters there), keyed by `expert_group_name(P)`, the `group_name` DeepSpeed expects on expert parameters.
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """Where DeepSpeed's engine meets the model: `apply_deepspeed_moe(model, cfg)`, once, before deepspeed.initialize.
-
-The model is plain PyTorch. The engine turns on its MoE handling only for submodules that are
-`isinstance(m, deepspeed.moe.layer.MoE)` (runtime/engine.py, `has_moe_layers`): stage-0 reduction of expert
-gradients over the expert-data-parallel group (without it `_get_gradients_for_reduction` raises KeyError
-'ep_size_P'; ZeRO-2 fails in `average_tensor`), ZeRO-1/2 partitioning of the 'moe' parameter groups over that
-group (found by the marks `allreduce=False` and `group_name` on expert parameters), broadcasting expert
-weights inside it, and per-expert checkpoint files. So for every MoELayer of the model, this:
-  moe.impl=dist_moe: turns the instance into one of a subclass of both MoELayer and DeepSpeed's MoE (as
-    FSDP2's fully_shard swaps a module's class), which skips MoE.__init__ (it would build DeepSpeed's own gate
-    and experts) and has exactly the attributes the engine reads; marks the expert parameters; and saves
-    state-dict keys under DeepSpeed's per-expert names (deepspeed_keys.py);
-  moe.impl=deepspeed: replaces it by DeepSpeed's own layer holding the same weights (deepspeed_baseline.py).
-deepspeed is imported only when this runs, after engine.init_distributed has told it its accelerator.
+The engine's MoE handling (expert gradients reduced over the expert-data-parallel group, ZeRO's 'moe' parameter
+groups, per-expert checkpoint files) turns on only for instances of `deepspeed.moe.layer.MoE`, so each MoELayer
+becomes one (or, with moe.impl=deepspeed, DeepSpeed's own layer). deepspeed is imported only when this runs.
 """
 
 from __future__ import annotations
@@ -50,6 +40,12 @@ def mark_expert_parameters(layer: MoELayer) -> None:
 
 
 def _for_the_engine(layer: MoELayer, cfg: Config) -> nn.Module:
+    """moe.impl=dist_moe: the instance's class becomes a subclass of both MoELayer and DeepSpeed's MoE (as FSDP2's
+    fully_shard swaps a module's class; MoE.__init__ is skipped, it would build DeepSpeed's own gate and experts),
+    with exactly the attributes the engine reads (runtime/engine.py `has_moe_layers`; without them stage 0 raises
+    KeyError 'ep_size_P' in `_get_gradients_for_reduction` and ZeRO-2 fails in `average_tensor`), its expert
+    parameters marked and its state-dict keys DeepSpeed's per-expert names (deepspeed_keys.py).
+    moe.impl=deepspeed: DeepSpeed's own layer holding the same weights (deepspeed_baseline.py)."""
     if cfg.moe.impl == "deepspeed":
         from dist_moe.train.deepspeed_baseline import DeepSpeedMoE
 

@@ -79,8 +79,7 @@ class DPO:
                     shutil.copyfile(parent / name, run_dir / name)
         torch.distributed.barrier()
         tokenizer = Tokenizer(run_dir / "tokenizer.model")
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = tokenizer.vocab_size
+        self.vocab_size = tokenizer.vocab_size
         pairs = tokenize_pairs(read_preferences(cfg.data.prefs), tokenizer, cfg.data.seq_len)
         self.train_pairs, self.val_pairs = split_pairs(pairs, cfg.dpo.val_fraction, cfg.train.seed)
         self.cfg, self.ctx, self.eos_id = cfg, ctx, tokenizer.eos_id

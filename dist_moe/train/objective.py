@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from dist_moe.config import Config, ConfigError
+from dist_moe.config import Config
 from dist_moe.data import load_prepared, prepare_data
 from dist_moe.data.sampler import MixtureSampler
 from dist_moe.model.loss import cross_entropy, with_router_losses
@@ -22,6 +22,7 @@ from dist_moe.train.engine import DistContext
 class Objective(Protocol):
     sampler: MixtureSampler  # anything with state_dict/load_state_dict: its position is saved with checkpoints
     tokens_per_micro_batch: int  # per rank, for throughput and the summary
+    vocab_size: int  # the tokenizer's pieces: the model's vocabulary where model.vocab_size is 0
 
     def start(self, engine) -> None:
         """Called once the engine exists, before a checkpoint of this run (if any) is loaded into it."""
@@ -71,12 +72,6 @@ class LanguageModeling:
     each source in proportion to its mixture weight; evaluated per source on its held-out documents."""
 
     def __init__(self, cfg: Config, ctx: DistContext, manifest):
-        if cfg.model.vocab_size == 0:
-            cfg.model.vocab_size = manifest.vocab_size
-        if manifest.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"tokenizer of {manifest.vocab_size} pieces > model.vocab_size="
-                              f"{cfg.model.vocab_size} (init.upcycle_from: give the folder the tokenizer.model it "
-                              "was trained with)")
         self.cfg, self.ctx, self.vocab_size = cfg, ctx, manifest.vocab_size
         self.unigram_entropy_nats = manifest.unigram_entropy_nats
         shape = dict(seq_len=cfg.data.seq_len, batch_size=cfg.train.micro_batch_size, rank=ctx.rank,

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_moe.config import Config
-from dist_moe.model.moe.layer import MoELayer, forward_within_bounds
+from dist_moe.model.moe.layer import MoELayer
 from dist_moe.model.moe.router import end_router_step
 from dist_moe.parallel import groups
 from dist_moe.parallel.groups import NodeLayoutError, expert_data_parallel_group, expert_parallel_group, node_layout
+from dist_moe.train.bounded_exchange import apply_bounded_exchange, forward_without_overflow
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 D = 16
@@ -104,7 +105,7 @@ def check_ep_equals_single_process(rank, world_size, ep_size, top_k, dropless, s
     xs, targets = global_batch(world_size, skew)
 
     forwards = []
-    y, aux, z = forward_within_bounds(layer, lambda: forwards.append(1) or layer(xs[rank]))
+    y, aux, z = forward_without_overflow(layer, lambda: forwards.append(1) or layer(xs[rank]))
     if redone is not None:
         assert (len(forwards) > 1) == redone, (forwards, ep_keys)
     ((y * targets[rank]).sum() + aux + z).backward()
@@ -248,10 +249,9 @@ def _exchange_worker(rank, world_size, port):
                                    ep_keys=dict(exchange="bounded", a2a_chunks=2, bound_factor=0.01))
     check_redone_forward_draws_the_same_noise(rank, world_size)
     check_bounded_layer_has_no_host_sync(rank, world_size)
-    check_bounded_transformer_generates_as_ragged(rank)
     engine = check_zero_ep2_updates_equal_single_process(rank, world_size, 2, clip=0.05, dropless=True,
                                                          exchange="bounded", bound_factor=0.01)
-    assert engine.module.moe.exchange.peer_slots.bound[0] > 8  # it overflowed, and the steps still matched
+    assert engine.module.moe.exchange.rows_per_peer.limits[0] > 8  # it overflowed, and the steps still matched
     padded = dict(exchange="padded", a2a="hierarchical", a2a_chunks=2)  # routing policies bound by capacity too
     check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, overflow="reroute")
     check_ep_equals_single_process(rank, world_size, 4, 2, False, ep_keys=padded, routing="expert_choice",
@@ -268,7 +268,7 @@ def check_redone_forward_draws_the_same_noise(rank, world_size):
         layer = MoELayer(cfg, expert_parallel_group(2))
         x = global_batch(world_size, None)[0][rank]
         forwards = []
-        y, aux, _ = forward_within_bounds(layer, lambda: forwards.append(1) or layer(x))
+        y, aux, _ = forward_without_overflow(layer, lambda: forwards.append(1) or layer(x))
         (y.square().sum() + aux).backward()
         assert len(forwards) == (2 if ep_keys["exchange"] == "bounded" else 1)
         results.append((y, [p.grad for p in layer.parameters()], layer.router.step_selections.clone()))
@@ -322,7 +322,7 @@ def check_bounded_layer_has_no_host_sync(rank, world_size):
     detector sees them). A forward of a Transformer with two bounded MoE layers makes that one read only."""
     from dist_moe.model.moe import experts
     from dist_moe.model.transformer import Transformer
-    from dist_moe.parallel.exchange import fit_peer_slots
+    from dist_moe.parallel.exchange import check_overflows
 
     gemms = experts.grouped_mm, experts.grouped_mm_weight_grad
     experts.grouped_mm, experts.grouped_mm_weight_grad = _masked_grouped_mm, _masked_weight_grad
@@ -338,12 +338,12 @@ def check_bounded_layer_has_no_host_sync(rank, world_size):
                 (y.square().sum() + aux + z).backward()
             syncs[exchange] = layer_syncs.seen
         with HostSyncs() as check_syncs:
-            assert fit_peer_slots([layer.exchange.peer_slots]) == []
+            assert check_overflows([layer.exchange.rows_per_peer]) == []
         assert syncs["bounded"] == [] and check_syncs.seen == ["tolist"], (syncs, check_syncs.seen)
         assert "tolist" in syncs["ragged"], syncs
         torch.manual_seed(0)
-        model = Transformer(tiny_transformer_config("moe.exchange=bounded", "moe.bound_factor=4"),
-                            expert_parallel_group(4))
+        cfg = tiny_transformer_config("moe.exchange=bounded", "moe.bound_factor=4")
+        model = apply_bounded_exchange(Transformer(cfg, expert_parallel_group(4)))
         tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(rank))
         with HostSyncs() as model_syncs:
             model(tokens)
@@ -358,21 +358,6 @@ def tiny_transformer_config(*overrides):
     return load_config("tiny", ["model.vocab_size=97", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
                                 "model.num_kv_heads=2", "model.d_ff=48", "moe.num_experts=8", "moe.dropless=true",
                                 "moe.ep_size=4", *overrides])
-
-
-def check_bounded_transformer_generates_as_ragged(rank):
-    """Greedy decoding with a KV cache: bounds forced small overflow on the prompt (the redo restores the caches),
-    then T = 2 tokens per step; the tokens equal the ragged exchange's."""
-    from dist_moe.model.transformer import Transformer, generate
-
-    prompt = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(rank))
-    out = []
-    for keys in (["moe.exchange=ragged"], ["moe.exchange=bounded", "moe.bound_factor=0.01"]):
-        torch.manual_seed(0)
-        model = Transformer(tiny_transformer_config(*keys), expert_parallel_group(4))
-        out.append(generate(model, prompt, 5, temperature=0))
-    assert torch.equal(out[0], out[1])
-    assert max(model.blocks[0].ffn.exchange.peer_slots.bound) > 8
 
 
 @pytest.mark.slow
@@ -390,9 +375,6 @@ class TinyMoEModel(torch.nn.Module):
         self.out = torch.nn.Linear(D, D)
 
     def forward(self, x):
-        return forward_within_bounds(self, lambda: self._forward(x))
-
-    def _forward(self, x):
         h = self.inp(x)
         y, aux, z = self.moe(h)
         return self.out(h + y), aux, z
@@ -409,7 +391,7 @@ def deepspeed_engine(cfg: Config, zero_stage: int = 2, clip: float = 0.0):
     from dist_moe.train.engine import optimizer_param_groups
 
     torch.manual_seed(0)
-    model = apply_deepspeed_moe(TinyMoEModel(cfg, expert_parallel_group(cfg.moe.ep_size)), cfg)
+    model = apply_deepspeed_moe(apply_bounded_exchange(TinyMoEModel(cfg, expert_parallel_group(cfg.moe.ep_size))), cfg)
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, 0.1), lr=1e-2)
     ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
                  "zero_optimization": {"stage": zero_stage}, "zero_allow_untested_optimizer": True,
@@ -511,7 +493,7 @@ def _gpu_sync_free_worker(rank, world_size, port):
     torch.cuda.set_device(rank)
     import deepspeed
 
-    from dist_moe.parallel.exchange import fit_peer_slots
+    from dist_moe.parallel.exchange import check_overflows
 
     deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False, verbose=False)
     x = torch.randn(256, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -520,7 +502,7 @@ def _gpu_sync_free_worker(rank, world_size, port):
         torch.manual_seed(0)
         layer = MoELayer(config(top_k=2, dropless=True, ep_size=2, a2a_chunks=2, exchange=exchange),
                          expert_parallel_group(2)).to("cuda", torch.bfloat16)
-        peer_slots = [layer.exchange.peer_slots] if exchange == "bounded" else []
+        rows_per_peer = [layer.exchange.rows_per_peer] if exchange == "bounded" else []
 
         def step():
             y, aux, z = layer(x)
@@ -529,7 +511,7 @@ def _gpu_sync_free_worker(rank, world_size, port):
         layers[exchange] = layer
         for _ in range(2):  # compiles the kernels, times the weight-gradient GEMMs, sets NCCL up, fits the bound
             step()
-            fit_peer_slots(peer_slots)
+            check_overflows(rows_per_peer)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -540,12 +522,12 @@ def _gpu_sync_free_worker(rank, world_size, port):
                     step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert fit_peer_slots(peer_slots) == []
+        assert check_overflows(rows_per_peer) == []
     with warnings.catch_warnings(record=True) as caught:  # the whole forward with its check: that one read only
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            forward_within_bounds(layers["bounded"], lambda: layers["bounded"](x))
+            forward_without_overflow(layers["bounded"], lambda: layers["bounded"](x))
         finally:
             torch.cuda.set_sync_debug_mode(0)
     syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]

@@ -36,7 +36,7 @@ def save_random(config, path, edit=None):
 
 def ours_from(key: str, path, overrides=()) -> Transformer:
     cfg = load_config("tiny", [f"init.{key}={path}", "moe.dropless=true", "data.seq_len=64", *overrides])
-    load.apply_init_config(cfg)
+    cfg = load.apply_init_config(cfg)
     torch.manual_seed(1)
     model = Transformer(cfg).eval()
     load.load_init_weights(model, cfg)

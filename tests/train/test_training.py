@@ -97,6 +97,6 @@ def test_bounded_exchange_run_trains_as_ragged_and_counts_its_redone_forwards(tm
     assert loss(bounded, "val/loss") == loss(ragged, "val/loss")
     redos = loss(bounded, "moe/bound_overflows")
     assert len(redos) == 6 and sum(redos) >= 1 and not loss(ragged, "moe/bound_overflows")
-    first = [line for line in output.splitlines() if "overflowed its bound for the first time" in line]
+    first = [line for line in output.splitlines() if "overflowed for the first time" in line]
     layers = re.findall(r"'(blocks\.\d+\.ffn)'", "".join(first))
     assert first and len(layers) == len(set(layers)), first  # each layer's first overflow once, then silence

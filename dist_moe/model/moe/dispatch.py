@@ -208,29 +208,3 @@ def expert_choice_route(scores: torch.Tensor, selection: torch.Tensor, capacity:
     return Routing(token_index=chosen_tokens.flatten(), row_index=row_index, combine_weights=scores * kept,
                    tokens_per_expert=torch.full((num_experts,), capacity, dtype=torch.long, device=scores.device),
                    kept=kept, dropped=(~kept.any(dim=1)).sum(), capacity=capacity)
-
-
-@dataclass
-class Dispatch:
-    """The kept rows of a Routing, compacted (for comparing plans in tests): N = kept assignments, ordered by
-    expert then priority.
-
-    token_index (N,) int64: source token of each kept assignment; rows `x[token_index]` are expert-ordered.
-    combine_weights (N,) fp32: gate weight of each kept assignment.
-    tokens_per_expert, kept, capacity: as in Routing.
-    """
-
-    token_index: torch.Tensor
-    combine_weights: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    kept: torch.Tensor
-    capacity: int
-
-
-def dispatch(indices: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: Optional[int],
-             drop_policy: str = "position", normalize_weights: bool = True) -> Dispatch:
-    """`route`, then only the kept rows: N is read on the host (one sync)."""
-    plan = route(indices, weights, num_experts, capacity, drop_policy, normalize_weights)
-    num_kept = int(plan.tokens_per_expert.sum())
-    return Dispatch(token_index=plan.token_index[:num_kept], combine_weights=plan.row_weights()[:num_kept],
-                    tokens_per_expert=plan.tokens_per_expert, kept=plan.kept, capacity=plan.capacity)

@@ -113,10 +113,6 @@ class SwiGLUExperts(nn.Module):
                 i = e - self.first_expert
                 self.w13[i].copy_(torch.cat([w1, w3], dim=1)), self.w2[i].copy_(w2)
 
-    def w1_w3(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w1, w3), each (E_local, D, F): views of w13."""
-        return self.w13.chunk(2, dim=2)
-
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 routing: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         token_index, row_index, row_weights = routing if routing is not None else (None, None, None)

@@ -1,19 +1,13 @@
 """The MoE FFN: router -> dispatch -> (exchange) -> experts -> (exchange back) -> weighted combine.
-
-`MoELayer(cfg, ep_group)` is plain PyTorch:
-    forward(x: (B, T, D)) -> (y: (B, T, D), aux_loss: () fp32, z_loss: () fp32)   (unweighted losses)
-    layer.last_stats: MoEStats of the last forward (detached tensors, no host sync).
-With moe.exchange=bounded a forward of the model (or of a bare layer) must go through `forward_within_bounds`,
-which checks the exchanges' bounds once and redoes the forward where one overflowed.
-What DeepSpeed's engine needs of it (its MoE class, parameter marks, per-expert checkpoint keys) and the
-DeepSpeed baseline (moe.impl=deepspeed) are applied from outside: see train/deepspeed_moe.py.
+`MoELayer(cfg, ep_group)` is plain PyTorch: forward(x (B, T, D)) -> (y (B, T, D), aux_loss, z_loss: () fp32,
+unweighted); `last_stats` holds the last forward's routing statistics. What DeepSpeed's engine needs of it and the
+bounded exchange's overflow check are applied from outside (train/deepspeed_moe.py, train/bounded_exchange.py).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -24,7 +18,7 @@ from dist_moe.config import Config, expert_width
 from dist_moe.model.moe.dispatch import expert_capacity, expert_choice_route, reroute, route
 from dist_moe.model.moe.experts import SwiGLU, SwiGLUExperts, swiglu_experts
 from dist_moe.model.moe.router import Router
-from dist_moe.parallel.exchange import ExpertExchange, fit_peer_slots
+from dist_moe.parallel.exchange import ExpertExchange
 from dist_moe.parallel.groups import node_layout
 
 
@@ -126,7 +120,7 @@ class MoELayer(nn.Module):
             shared_y = shared() if shared is not None else None
         else:  # rows (k*B*T, D) expert-ordered, dropped last, to their experts' ranks and back; shared under it
             rows, shared_y = self.exchange(plan.permute(tokens), plan.tokens_per_expert, plan.capacity,
-                                           swiglu_experts, (self.experts.w13, self.experts.w2), beside=shared)
+                                           swiglu_experts, (self.experts.w13, self.experts.w2), shared)
             y = plan.combine(rows)  # gate-weighted sum in fp32, x's dtype
         if shared_y is not None:
             y = y + shared_y
@@ -134,48 +128,3 @@ class MoELayer(nn.Module):
         self.last_stats = MoEStats.of(gating.stats, plan.tokens_per_expert, plan.dropped, plan.capacity, len(tokens),
                                       routed, rerouted)
         return y.view_as(x), gating.aux_loss, gating.z_loss
-
-
-Output = TypeVar("Output")
-_log = logging.getLogger(__name__)
-
-
-def forward_within_bounds(model: nn.Module, forward: Callable[[], Output], undo: Callable[[], None] = lambda: None
-                          ) -> Output:
-    """Runs forward() (one forward pass of model) and, where a bounded exchange of model's MoE layers overflowed
-    (moe.exchange=bounded), raises those bounds and runs it again from the same router state (noise generators,
-    step counters) after undo() (the caller's own state, e.g. KV caches), until none overflows. Nothing has
-    run backward yet, so every result returned is exact. One host read per pass (fit_peer_slots)."""
-    layers = {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}
-    bounded = {name: layer for name, layer in layers.items() if _is_bounded(layer)}
-    if not bounded:
-        return forward()
-    routers = {name: layer.router.state() for name, layer in layers.items()}
-    while True:
-        out = forward()
-        overflowed = fit_peer_slots([layer.exchange.peer_slots for layer in bounded.values()])
-        if not overflowed:
-            return out
-        del out  # free the dropped attempt's activations before the next one
-        names = list(bounded)
-        first = {names[i]: bounded[names[i]].exchange.peer_slots.bound for i in overflowed
-                 if bounded[names[i]].exchange.peer_slots.overflows == 1}
-        if first and (not dist.is_initialized() or dist.get_rank() == 0):
-            _log.warning("moe.exchange=bounded: a layer's rows per peer overflowed its bound for the first time; the "
-                         "forward was redone with bounds (per chunk) %s. Expected while routing settles; later "
-                         "overflows are counted in moe/bound_overflows, not printed", first)
-        for name, layer in layers.items():
-            layer.router.set_state(routers[name])
-        undo()
-
-
-def bound_overflows(model: nn.Module) -> int:
-    """Forwards redone so far because a bounded exchange overflowed, summed over model's MoE layers (a forward in
-    which two layers overflowed counts twice). The same on every rank: bounds move on all-reduced needs."""
-    return sum(module.exchange.peer_slots.overflows for module in model.modules()
-               if isinstance(module, MoELayer) and _is_bounded(module))
-
-
-def _is_bounded(layer: MoELayer) -> bool:
-    """The layer exchanges rows with a bounded layout (moe.exchange=bounded and EP > 1)."""
-    return layer.exchange is not None and layer.exchange.peer_slots is not None

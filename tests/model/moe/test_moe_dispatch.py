@@ -1,8 +1,7 @@
 import pytest
 import torch
+from kept_rows import dispatch
 from moe_reference import naive_keep, naive_route
-
-from dist_moe.model.moe.dispatch import dispatch
 
 
 def random_routing(num_tokens, num_experts, k, seed):

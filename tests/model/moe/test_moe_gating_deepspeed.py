@@ -10,8 +10,9 @@ import itertools
 import pytest
 import torch
 from deepspeed.moe.sharded_moe import _capacity, top1gating, top2gating, topkgating
+from kept_rows import dispatch
 
-from dist_moe.model.moe.dispatch import dispatch, expert_capacity
+from dist_moe.model.moe.dispatch import expert_capacity
 from dist_moe.model.moe.router import Router
 
 SHAPES = [(10, 4), (37, 8), (64, 8), (23, 5), (128, 16)]  # (tokens, experts), several not divisible

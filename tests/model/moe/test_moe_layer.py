@@ -1,6 +1,7 @@
 import pytest
 import torch
 from deepspeed.moe.sharded_moe import _capacity
+from kept_rows import w1_w3
 from moe_reference import naive_moe
 
 from dist_moe.config import Config, ConfigError, validate
@@ -34,7 +35,7 @@ def reference(layer: MoELayer, x: torch.Tensor, capacity):
         lin.weight.t() for lin in (layer.shared_mlp.w1, layer.shared_mlp.w3, layer.shared_mlp.w2))
     m = layer.cfg.moe
     e = layer.experts
-    return naive_moe(x, layer.router.weight, *e.w1_w3(), e.w2, m.top_k, capacity, m.drop_policy,
+    return naive_moe(x, layer.router.weight, *w1_w3(e), e.w2, m.top_k, capacity, m.drop_policy,
                      m.normalize_weights, shared)
 
 

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from deepspeed.moe import sharded_moe
+from kept_rows import w1_w3
 from moe_reference import (naive_combine, naive_expert_choice, naive_route, naive_scores, naive_switch_loss,
                            naive_token_choice)
 
@@ -80,7 +81,7 @@ def test_token_choice_layer_equals_naive_per_token_reference(score, overflow, ca
     choices, gates, kept, rerouted, first = naive_token_choice(scores, selection, top_k, score, capacity, policy,
                                                                overflow, tries)
     e = layer.experts
-    y_ref = naive_combine(x.view(-1, 16), gate_pairs(choices, gates, kept, normalize), *e.w1_w3(), e.w2)
+    y_ref = naive_combine(x.view(-1, 16), gate_pairs(choices, gates, kept, normalize), *w1_w3(e), e.w2)
     y, aux, _ = layer(x)
     torch.testing.assert_close(y.view(-1, 16), y_ref, rtol=1e-5, atol=1e-6)  # fp32 gates
     aux_ref = naive_switch_loss(probs, first, 6) if balance in ("aux", "both") else 0.0  # f: biased, pre-reroute
@@ -127,7 +128,7 @@ def test_expert_choice_layer_equals_naive_per_token_reference(score, overflow, c
     assignments = [[(e, scores[t, e]) for e in range(6) if t in picks[e]] for t in range(30)]
     e = layer.experts
     y, aux, _ = layer(x)
-    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *e.w1_w3(), e.w2),
+    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *w1_w3(e), e.w2),
                                rtol=1e-5, atol=1e-6)  # fp32 gates
     assert float(aux) == 0.0
     assert layer.last_stats.tokens_per_expert.tolist() == [len(p) for p in picks]
@@ -204,7 +205,7 @@ def test_sigmoid_scores_weights_are_normalised_over_the_top_k(top_k):
     y, _, _ = layer(x)  # k=1: the one weight is 1, as DeepSeek-V3 normalises
     assignments = [[(e, sig[t, e] / sig[t, choices[t]].sum()) for e in choices[t]] for t in range(30)]
     e = layer.experts
-    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *e.w1_w3(), e.w2),
+    torch.testing.assert_close(y.view(-1, 16), naive_combine(x.view(-1, 16), assignments, *w1_w3(e), e.w2),
                                rtol=1e-5, atol=1e-6)  # fp32 gates
 
 
