@@ -20,6 +20,7 @@ from dist_moe.atomic import write_bytes_atomic
 from dist_moe.data.corpus import DataError
 
 MANIFEST_FORMAT = 2  # bump when the layout changes: it changes the cache key too
+LEGACY_KEY = "legacy"  # the manifest data/__init__.py reads from a run prepared before data sources
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dist_moe.data.corpus import DataError
+from dist_moe.data.manifest import LEGACY_KEY
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: frac(t / phi) in 64-bit fixed point
 
@@ -41,7 +42,7 @@ class MixtureSampler:
         self.weights = np.array([source.weight for source in manifest.sources], dtype=np.float64)
         if not (self.weights > 0).any():
             raise DataError("data sources: every weight is 0, at least one source needs a positive weight")
-        self.mixture = _fingerprint(manifest, split)
+        self.mixture, self.key = _fingerprint(manifest, split), manifest.key
         used = [j for j in range(len(self.names)) if self.weights[j] > 0 or split != "train"]
         self.shards = sorted((s for s in manifest.shards if s.split == split and s.tokens > seq_len
                               and s.source in used), key=lambda s: s.source)  # stable: each source one range
@@ -100,9 +101,12 @@ class MixtureSampler:
     def load_state_dict(self, state: dict) -> None:
         """Restore the position; the seed, batch shape and data mixture must match, or the data would
         silently change. The world size may differ (same global batch)."""
-        if "mixture" not in state:
-            raise DataError("sampler state: no 'mixture' (a checkpoint from before data mixtures); resume it with "
-                            "the dist_moe version that wrote it")
+        if "mixture" not in state:  # a checkpoint from before data sources: one source, one shard a split
+            if self.key != LEGACY_KEY:
+                raise DataError("sampler state: no 'mixture' (a checkpoint from before data sources) and the data "
+                                "it was prepared from is gone; resume it with the dist_moe version that wrote it")
+            state = {**state, "mixture": self.mixture, "tokens_seen": {
+                self.names[0]: state.get("step", 0) * self.global_batch_size * self.seq_len}}
         for key in ("seed", "seq_len", "global_batch_size", "mixture"):
             if state.get(key) != getattr(self, key):
                 raise DataError(f"sampler state: {key}={state.get(key)!r} does not match this run's "
