@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import ConfigError, load_config
 from dist_moe.hf import load
 from dist_moe.model.transformer import Transformer, generate
