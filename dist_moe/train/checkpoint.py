@@ -48,11 +48,12 @@ PARAMETER_LAYOUT = 2
 SAFE_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def load_file(file: Path, mmap: bool = False):
+def load_file(file: Path, mmap: bool = False, allowed: list | tuple = ()):
     """A checkpoint file's contents, read without running any of it: a file that holds anything but tensors,
-    plain values and SAFE_GLOBALS is refused in one line naming it (a pickle can call any function)."""
+    plain values, SAFE_GLOBALS and the `allowed` classes is refused in one line naming it (a pickle can call
+    any function)."""
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *allowed]):
             return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))
@@ -66,8 +67,19 @@ def load_file(file: Path, mmap: bool = False):
 def check_files(path: Path) -> None:
     """Before DeepSpeed's loader unpickles checkpoint dir `path` (with no restriction): every file in it must
     load with load_file, so that the unrestricted load only ever sees safe bytes. Tensors stay on disk (mmap)."""
+    allowed = _deepspeed_globals()
     for file in sorted(path.glob("*.pt")):
-        load_file(file, mmap=True)
+        load_file(file, mmap=True, allowed=allowed)
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed's ZeRO optimizer files hold: the stage, partition offsets and the
+    static loss scale (bf16 and fp32 training). Only where DeepSpeed's loader runs, so deepspeed is loaded."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler]
 
 
 def load_weights(engine, path: Path) -> None:
