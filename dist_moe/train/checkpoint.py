@@ -15,7 +15,8 @@ of the Adam state (portable_optimizer.py), read only on another topology.
 
 A checkpoint may come from elsewhere, so no file of it runs code: ours are read with torch's weights-only
 unpickler (tensors and plain values, plus numpy's RNG-state types), and before DeepSpeed's loader (which
-unpickles anything) reads a checkpoint, every file there must pass that same reader (`check_files`).
+unpickles anything) reads a checkpoint, every file there must pass that same reader, which then also
+allows the few plain-data classes DeepSpeed's ZeRO files hold (`check_files`).
 """
 
 from __future__ import annotations
@@ -240,6 +241,7 @@ def load(engine, run_dir: Path, ctx: DistContext, ep_size: int) -> tuple[int, di
 
 
 def _refusal(path: Path) -> CheckpointError | None:
+    """check_files' refusal of `path`, or None: every rank agrees on it before any raises."""
     try:
         check_files(path)
     except CheckpointError as exc:
