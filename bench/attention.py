@@ -20,10 +20,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from dist_moe.kernels.flash_attention import flash_attention
-except ImportError:  # the repository is not pip-installed (e.g. on a bare GPU machine): import the folder
-    from kernels.flash_attention import flash_attention
+from dist_moe.kernels.flash_attention import flash_attention  # noqa: E402  (installed or not: the path above)
 
 # (B, Hq, Hkv, N, D): causal GQA, B*N = 16k tokens.
 SHAPES = {

@@ -22,10 +22,7 @@ import triton
 from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from dist_moe.kernels.cross_entropy import cross_entropy
-except ImportError:  # the repository is not pip-installed (e.g. on a bare GPU machine): import the folder
-    from kernels.cross_entropy import cross_entropy
+from dist_moe.kernels.cross_entropy import cross_entropy  # noqa: E402  (installed or not: the path above)
 
 # (N tokens, V vocabulary): the medium preset's micro batch (16 x 2048) at its 32k vocabulary, half of it,
 # and Llama 3's 128k vocabulary.

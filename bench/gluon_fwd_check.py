@@ -60,7 +60,7 @@ def check_variant(name):
     """Correctness on CHECK_SHAPES, then timing on BENCH_SHAPES, for one variant (runs in a subprocess)."""
     import torch
     import triton
-    from kernels.flash_attention_gluon import flash_attention_forward_gluon
+    from dist_moe.kernels.flash_attention_gluon import flash_attention_forward_gluon
     cfg = VARIANTS[name]
     ok = True
     for B, Hq, Hkv, N, causal in CHECK_SHAPES:
@@ -86,9 +86,9 @@ def cross_check_triton(name):
     """lse and o of one variant against our Triton forward at (2, 8, 2, 2048) causal (same autotune bucket as the
     first bench shape, so no new tuning)."""
     import torch
-    import kernels.flash_attention as fa
-    from kernels.flash_attention import _forward as triton_forward
-    from kernels.flash_attention_gluon import flash_attention_forward_gluon
+    import dist_moe.kernels.flash_attention as fa
+    from dist_moe.kernels.flash_attention import _forward as triton_forward
+    from dist_moe.kernels.flash_attention_gluon import flash_attention_forward_gluon
     fa.GLUON = False  # flash_attention itself runs the Gluon forward on Hopper: compare with the Triton one
     q, k, v = inputs(2, 8, 2, 2048, torch.bfloat16, seed=1)
     o, lse = flash_attention_forward_gluon(q, k, v, True, D ** -0.5, config=VARIANTS[name])
@@ -106,8 +106,8 @@ def baselines():
     import torch.nn.functional as F
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    import kernels.flash_attention as fa
-    from kernels.flash_attention import flash_attention
+    import dist_moe.kernels.flash_attention as fa
+    from dist_moe.kernels.flash_attention import flash_attention
     fa.GLUON = False  # time the Triton forward, which flash_attention replaces by the Gluon one on Hopper
     for B, Hq, Hkv, N in BENCH_SHAPES:
         q, k, v = inputs(B, Hq, Hkv, N, torch.bfloat16)

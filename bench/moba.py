@@ -19,12 +19,8 @@ import triton
 from results_io import run_meta, write_results  # bench/, beside this script
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-try:
-    from dist_moe.kernels import moba as moba_kernels
-    from dist_moe.kernels.flash_attention import flash_attention
-except ImportError:  # the repository is not pip-installed (e.g. on a bare GPU machine): import the folder
-    from kernels import moba as moba_kernels
-    from kernels.flash_attention import flash_attention
+from dist_moe.kernels import moba as moba_kernels  # noqa: E402  (installed or not: the path above)
+from dist_moe.kernels.flash_attention import flash_attention  # noqa: E402
 
 TOKENS, HQ, HKV, D = 128 * 1024, 32, 8, 128
 SHAPES = {  # (N, block_size, inputs): top_k = N / (16 * block_size), at least 1

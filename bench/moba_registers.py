@@ -18,7 +18,7 @@ from triton.compiler import ASTSource
 
 os.environ["TRITON_INTERPRET"] = "0"  # the kernels must be JIT functions, not interpreted ones
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import moba  # noqa: E402  (after the path and the interpreter switch)
+from dist_moe.kernels import moba  # noqa: E402  (after the path and the interpreter switch)
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 

@@ -7,28 +7,7 @@ transformers is an optional extra (`pip install -e ".[hf]"`); only this package 
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 from dist_moe.config import ConfigError
-
-
-def _import_installed_kernels() -> None:
-    """The repository's top-level kernels/ folder (installed as dist_moe.kernels) shadows the `kernels`
-    package that transformers imports when Python runs from the repository root (`python -m pytest` puts
-    the working directory first on sys.path); import the installed one first, where there is one."""
-    if "kernels" in sys.modules:
-        return
-    root = Path(__file__).resolve().parents[2]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
 
 
 def require_transformers():
@@ -39,5 +18,3 @@ def require_transformers():
         raise ConfigError("transformers is not installed: pip install -e '.[hf]' (the hf extra)") from None
     return transformers
 
-
-_import_installed_kernels()

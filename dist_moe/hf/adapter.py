@@ -17,7 +17,8 @@ model.qk_norm (Qwen3-MoE has none).
 Names: "checkpoint" state dicts use the names DeepSpeed's files hold (the dense model file plus per-expert
 `...deepspeed_moe.experts.deepspeed_experts.{global id}.w{1,2,3}.weight`); "module" state dicts are what
 our plain modules load (`ffn.router.weight`, stacked `ffn.experts.w13` (E, D, 2F) and `ffn.experts.w2`
-(E, F, D)). transformers' names are its per-expert checkpoint layout, which every 4.x/5.x version reads.
+(E, F, D)). transformers' names are its per-expert checkpoint layout, which every 4.x/5.x version reads;
+import also takes transformers 5's own names (fused experts; Mixtral's MoE under `mlp.`).
 """
 
 from __future__ import annotations
@@ -255,13 +256,29 @@ def _apply_rope(hf: dict, m, path: str) -> None:
         m.rope_truncate = rope.get("truncate", True)
 
 
-def _experts(hf_state: dict, prefix: str, names: dict[str, str], num_experts: int) -> dict[str, list[torch.Tensor]]:
+def _moe_layout(hf_state: dict, kind: str, layer: int) -> tuple[str, dict[str, str]]:
+    """(prefix, ours w1|w2|w3 -> per-expert names) of an MoE layer as the folder holds it: Mixtral's original
+    `block_sparse_moe.` with w1/w2/w3, or `mlp.` with Llama's names (Qwen, and Mixtral saved by transformers 5
+    in its own names, `save_pretrained(save_original_format=False)`, whose experts are fused)."""
+    prefix = f"model.layers.{layer}."
+    if kind == "mixtral" and prefix + "block_sparse_moe.gate.weight" in hf_state:
+        return prefix + "block_sparse_moe.", {w: w for w in SWIGLU}
+    return prefix + "mlp.", SWIGLU
+
+
+def _experts(hf_state: dict, prefix: str, names: dict[str, str], num_experts: int,
+             path: str) -> dict[str, list[torch.Tensor]]:
     """ours w1|w2|w3 -> per-expert nn.Linear weights, from per-expert keys or transformers 5's fused
     `experts.gate_up_proj` (E, 2F, D) and `experts.down_proj` (E, D, F)."""
-    if f"{prefix}experts.gate_up_proj" in hf_state:
-        w1, w3 = hf_state[f"{prefix}experts.gate_up_proj"].chunk(2, dim=1)
-        return {"w1": list(w1), "w3": list(w3), "w2": list(hf_state[f"{prefix}experts.down_proj"])}
-    return {w: [hf_state[f"{prefix}experts.{e}.{names[w]}.weight"] for e in range(num_experts)] for w in names}
+    if f"{prefix}experts.gate_up_proj" not in hf_state:
+        return {w: [hf_state[f"{prefix}experts.{e}.{names[w]}.weight"] for e in range(num_experts)] for w in names}
+    gate_up, down = hf_state[f"{prefix}experts.gate_up_proj"], hf_state[f"{prefix}experts.down_proj"]
+    if gate_up.dim() != 3 or len(gate_up) != num_experts or len(down) != num_experts or gate_up.shape[1] % 2:
+        raise ConfigError(f"{path}: {prefix}experts.gate_up_proj {tuple(gate_up.shape)} / down_proj "
+                          f"{tuple(down.shape)}: expected ({num_experts}, 2 x width, hidden) / ({num_experts}, hidden, "
+                          "width) for the config's experts")
+    w1, w3 = gate_up.chunk(2, dim=1)
+    return {"w1": list(w1), "w3": list(w3), "w2": list(down)}
 
 
 def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, path: str) -> dict[str, torch.Tensor]:
@@ -281,11 +298,9 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
         if not is_moe_layer(cfg, i):
             out.update({f"{ours}ffn.{w}.weight": hf_state[f"{theirs}mlp.{hf}.weight"] for w, hf in SWIGLU.items()})
             continue
-        mixtral = kind == "mixtral"
-        moe_prefix = theirs + ("block_sparse_moe." if mixtral else "mlp.")
+        moe_prefix, names = _moe_layout(hf_state, kind, i)
         out[f"{ours}ffn.{GATE_KEY}"] = hf_state[moe_prefix + "gate.weight"]
-        names = {w: w for w in SWIGLU} if mixtral else SWIGLU
-        for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts).items():
+        for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts, path).items():
             out.update({ours + "ffn." + DEEPSPEED_EXPERT_KEY.format(e, w): t
                         for e, t in enumerate(weights)})
         if kind == "qwen2_moe":

@@ -1,8 +1,9 @@
 """`dist-moe export RUN_DIR OUT_DIR`: a run's checkpoint as a folder transformers loads.
 
-Reads DeepSpeed's files on the CPU with no process group: the dense model file and one file per global
-expert (`layer_{L}_expert_{id}_mp_rank_00_model_states.pt`, written by whichever EP rank held the expert),
-so checkpoints of any world size and moe.ep_size export alike. Writes safetensors (sharded above
+Reads DeepSpeed's files on the CPU with no process group, running none of them (checkpoint.load_file): the
+dense model file and one file per global expert (`layer_{L}_expert_{id}_mp_rank_00_model_states.pt`,
+written by whichever EP rank held the expert), so checkpoints of any world size and moe.ep_size export
+alike. Writes safetensors (sharded above
 max_shard_bytes, with transformers' index file), config.json (adapter.architecture picks the class),
 generation_config.json (dist-moe generate's sampling defaults) and the tokenizer (tokenizer.py). The folder
 is built under OUT_DIR.partial and renamed when complete; an existing OUT_DIR is never written over.
@@ -43,14 +44,14 @@ def checkpoint_dir(run_dir: Path, step: int | None) -> Path:
 
 def read_checkpoint(path: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """Every weight of a checkpoint dir by its checkpoint name; every expert of every MoE layer must be there."""
-    state = dict(torch.load(path / DENSE_FILE, map_location="cpu", weights_only=False)["module"])
+    state = dict(checkpoint.load_file(path / DENSE_FILE)["module"])
     moe_layers = [i for i in range(cfg.model.num_layers) if is_moe_layer(cfg, i)]
     for moe_index in range(len(moe_layers)):
         for expert in range(cfg.moe.num_experts):
             file = path / f"layer_{moe_index}_expert_{expert}_{DENSE_FILE}"
             if not file.is_file():
                 raise checkpoint.CheckpointError(f"{file}: missing (every global expert has its own file)")
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            state.update(checkpoint.load_file(file))
     return state
 
 

@@ -24,15 +24,33 @@ from dist_moe.config import Config, ConfigError, validate
 from dist_moe.hf import adapter
 
 
-def read_config(path: str | Path) -> dict:
+class FolderEntries(dict):
+    """A folder's config.json keys or weights: one the folder lacks is a one-line error naming it."""
+
+    def __init__(self, entries: dict, missing: str):
+        super().__init__(entries)
+        self.missing = missing  # the error, with {} for the key
+
+    def __missing__(self, key: str):
+        raise ConfigError(self.missing.format(key))
+
+
+def read_config(path: str | Path) -> FolderEntries:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ConfigError(f"'{path}': no config.json (expected a transformers checkpoint folder)")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"'{file}': not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{file}': expected a JSON object of config keys")
+    return FolderEntries(config, f"'{file}': no key '{{}}' (expected in a {config.get('model_type')} config)")
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+def read_weights(path: str | Path) -> FolderEntries:
     """Every tensor of the folder's safetensors files (one file or transformers' shards), on the CPU."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -40,8 +58,12 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"'{path}': no .safetensors files")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
-    return state
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:
+            raise ConfigError(f"'{file}': not a readable safetensors file ({exc})") from None
+    return FolderEntries(state, f"'{path}': no weight '{{}}' in its safetensors files (expected transformers' "
+                                "names: per-expert or fused expert tensors)")
 
 
 def _source(cfg: Config) -> tuple[str, bool]:
@@ -51,6 +73,13 @@ def _source(cfg: Config) -> tuple[str, bool]:
 
 def apply_init_config(cfg: Config) -> Config:
     """A copy of cfg with the model's shape from the init folder's config.json (and its weights' shared expert)."""
+    cfg = with_init_shape(cfg)
+    validate(cfg)
+    return cfg
+
+
+def with_init_shape(cfg: Config) -> Config:
+    """apply_init_config without validating the result."""
     cfg = copy.deepcopy(cfg)
     path, dense = _source(cfg)
     if cfg.moe.impl != "dist_moe":
@@ -65,7 +94,6 @@ def apply_init_config(cfg: Config) -> Config:
                               "starts equal to the dense model")
     elif read_config(path)["model_type"] == "qwen2_moe":
         cfg.moe.shared_expert = adapter.qwen2_shared_expert(read_weights(path), cfg, path)
-    validate(cfg)
     return cfg
 
 
@@ -123,7 +151,20 @@ def load_init_weights(model: torch.nn.Module, cfg: Config) -> None:
         state = upcycled_state(hf_state, cfg, model)
     else:
         state = adapter.hf_to_checkpoint(hf_state, cfg, read_config(path)["model_type"], path)
+    _check_shapes(state, model, path)
     load_checkpoint_state(model, state)
+
+
+def _check_shapes(state: dict[str, torch.Tensor], model: torch.nn.Module, path: str) -> None:
+    """Every weight of the folder as large as its config.json makes ours (a rank holds only its own experts:
+    expert keys compare with its first)."""
+    expected = adapter.checkpoint_names(model.state_dict())
+    for key, value in state.items():
+        match = adapter.EXPERT_KEY.fullmatch(key)
+        ours = f"blocks.{match[1]}.ffn." + adapter.DEEPSPEED_EXPERT_KEY.format(0, match[3]) if match else key
+        if ours in expected and value.shape != expected[ours].shape:
+            raise ConfigError(f"'{path}': the weight that becomes our {key} has shape {tuple(value.shape)}, but its "
+                              f"config.json makes it {tuple(expected[ours].shape)}")
 
 
 def generate_from_hf(path: str | Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
@@ -134,7 +175,9 @@ def generate_from_hf(path: str | Path, prompt: str, max_new_tokens: int, tempera
     from dist_moe.model.transformer import Transformer, generate
 
     transformers = require_transformers()
-    cfg = apply_init_config(load_config(None, [f"init.from_hf={path}", "moe.dropless=true"]))
+    cfg = with_init_shape(load_config(None, [f"init.from_hf={path}", "moe.dropless=true"]))
+    # nothing trains: the training keys' defaults (data.seq_len = 128) must not refuse a model of fewer positions
+    validate(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=cfg.model.max_seq_len)))
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     model = Transformer(cfg)
     load_init_weights(model, cfg)

@@ -12,12 +12,19 @@ Resuming on another topology (world size or moe.ep_size): DeepSpeed's per-expert
 weights (each rank loads its global experts) and the LR schedule and step continue. DeepSpeed's optimizer
 files are partitioned by rank and expert group, so each checkpoint also holds a topology-independent copy
 of the Adam state (portable_optimizer.py), read only on another topology.
+
+A checkpoint may come from elsewhere, so no file of it runs code: ours are read with torch's weights-only
+unpickler (tensors and plain values, plus numpy's RNG-state types), and before DeepSpeed's loader (which
+unpickles anything) reads a checkpoint, every file there must pass that same reader, which then also
+allows the few plain-data classes DeepSpeed's ZeRO files hold (`check_files`).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import shutil
 import warnings
 import zipfile
@@ -35,6 +42,52 @@ from dist_moe.train.engine import DistContext
 # What DeepSpeed's optimizer partitions assume about the model's parameters; raised when that changes.
 # 2: each MoE layer's gate and up weights are one parameter, experts.w13 (unmarked, 1: w1 and w3 apart).
 PARAMETER_LAYOUT = 2
+
+
+# What a checkpoint holds besides tensors and plain values: numpy's RNG state (an array of uint32) in
+# trainer_rank{r}.pt. np.zeros(0).__reduce__()[0] is numpy's array unpickler, wherever its version keeps it.
+SAFE_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_file(file: Path, mmap: bool = False, allowed: list | tuple = ()):
+    """A checkpoint file's contents, read without running any of it: a file that holds anything but tensors,
+    plain values, SAFE_GLOBALS and the `allowed` classes is refused in one line naming it (a pickle can call
+    any function)."""
+    try:
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *allowed]):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a reference to {found[1]}" if found else "an object that is neither a tensor nor a plain value"
+        raise CheckpointError(f"{file}: refused, it holds {what}, which loading would run (a checkpoint holds "
+                              "only tensors and plain values; was it made elsewhere?)") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{file}: not a readable torch checkpoint file ({str(exc).splitlines()[0]})") from None
+
+
+def check_files(path: Path) -> None:
+    """Before DeepSpeed's loader unpickles checkpoint dir `path` (with no restriction): every file in it must
+    load with load_file, so that the unrestricted load only ever sees safe bytes. Tensors stay on disk (mmap)."""
+    allowed = _deepspeed_globals()
+    for file in sorted(path.glob("*.pt")):
+        load_file(file, mmap=True, allowed=allowed)
+
+
+def _deepspeed_globals() -> list:
+    """The plain-data classes DeepSpeed's ZeRO optimizer files hold: the stage, partition offsets and the
+    static loss scale (bf16 and fp32 training). Only where DeepSpeed's loader runs, so deepspeed is loaded."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, fragment_address, LossScaler]
+
+
+def load_weights(engine, path: Path) -> None:
+    """The model weights of checkpoint dir `path` into the engine (saved on any topology: DeepSpeed's
+    per-expert files), once check_files has passed it."""
+    check_files(path)
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -172,6 +225,9 @@ def load(engine, run_dir: Path, ctx: DistContext, ep_size: int) -> tuple[int, di
             if ctx.is_main:
                 warnings.warn(f"checkpoint {path} is unusable ({problem or 'on another rank'}); trying the previous one")
             continue
+        refused = _refusal(path)
+        if not _agree(refused is None, ctx.device):
+            raise refused or CheckpointError(f"{path}: refused on another rank (a file that would run code)")
         loaded = _load_from(engine, path, ctx, ep_size)
         if skipped and ctx.is_main:
             for bad in skipped:
@@ -182,6 +238,15 @@ def load(engine, run_dir: Path, ctx: DistContext, ep_size: int) -> tuple[int, di
         return loaded
     raise CheckpointError(f"{checkpoint_root(run_dir)}: no usable checkpoint"
                           + (f" (unusable: {', '.join(p.name for p in skipped)})" if skipped else ""))
+
+
+def _refusal(path: Path) -> CheckpointError | None:
+    """check_files' refusal of `path`, or None: every rank agrees on it before any raises."""
+    try:
+        check_files(path)
+    except CheckpointError as exc:
+        return exc
+    return None
 
 
 UNUSABLE = ".unusable"
@@ -195,7 +260,7 @@ def _set_aside(path: Path) -> None:
 
 
 def _load_from(engine, path: Path, ctx: DistContext, ep_size: int) -> tuple[int, dict]:
-    saved = torch.load(path / "trainer_rank0.pt", weights_only=False)
+    saved = load_file(path / "trainer_rank0.pt")
     if saved.get("parameter_layout", 1) != PARAMETER_LAYOUT:
         raise CheckpointError(f"{path}: saved by an earlier dist_moe that kept the experts' gate and up weights "
                               "apart, so its optimizer state would load into the wrong parameters; resume it with "
@@ -203,10 +268,10 @@ def _load_from(engine, path: Path, ctx: DistContext, ep_size: int) -> tuple[int,
     same_topology = saved["world_size"] == ctx.world_size and saved["ep_size"] == ep_size
     if same_topology:
         engine.load_checkpoint(str(path.parent), tag=path.name)
-        state = torch.load(path / f"trainer_rank{ctx.rank}.pt", weights_only=False)
+        state = load_file(path / f"trainer_rank{ctx.rank}.pt")
         return int(state["step"]), state
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
-    schedule = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["lr_scheduler"]
+    schedule = load_file(path / "mp_rank_00_model_states.pt")["lr_scheduler"]
     engine.lr_scheduler.load_state_dict(schedule)  # its step count; the LR itself follows the resuming run's schedule
     moments = portable_optimizer.load(engine, path)
     if ctx.is_main:

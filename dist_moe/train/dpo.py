@@ -96,7 +96,7 @@ class DPO:
         problem = checkpoint.verify(path) if path.is_dir() else "no such directory"
         if problem:
             raise checkpoint.CheckpointError(f"dpo.parent_checkpoint '{path}': {problem}")
-        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
+        checkpoint.load_weights(engine, path)
         dtype = next(engine.module.parameters()).dtype
         reference = Transformer(self.cfg, ep_group=expert_parallel_group(self.cfg.moe.ep_size))
         self.reference = apply_deepspeed_moe(reference, self.cfg)  # the engine's module layout and key names

@@ -33,7 +33,7 @@ def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 200, t
     tokenizer = Tokenizer(load_prepared(run_dir).tokenizer_path)
     model = Transformer(cfg)
     engine = build_engine(cfg, model, ctx)
-    engine.load_checkpoint(str(candidates[0].parent), tag=candidates[0].name, load_module_only=True)
+    checkpoint.load_weights(engine, candidates[0])
     healed, first_allowed = tokenizer.heal_prompt(prompt)
     ids = torch.tensor([[tokenizer.eos_id, *healed]], device=ctx.device)  # EOS: a document starts here
     room = cfg.model.max_seq_len - ids.shape[1]

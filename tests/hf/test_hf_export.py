@@ -11,7 +11,6 @@ import dataclasses
 import pytest
 import torch
 
-import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import Config, ConfigError, load_config
 from dist_moe.hf import adapter
 from dist_moe.hf.export import write_model

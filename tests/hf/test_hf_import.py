@@ -1,17 +1,22 @@
 """Import and upcycling: checkpoints made by transformers itself from a random init (nothing downloaded).
 
 init.from_hf: our model with the folder's shape and weights gives transformers' logits (1e-4, float32,
-dropless) and greedy tokens. init.upcycle_from: a dense Llama or Qwen3 becomes our MoE whose loss at step 0
-equals the dense model's.
+dropless) and greedy tokens, for the per-expert layout every version reads and transformers 5's own names
+(fused experts; Mixtral's MoE under `mlp.`). `generate --from-hf` samples transformers' greedy text from a
+model shorter than the training default. A malformed folder is a one-line error naming what is wrong.
+init.upcycle_from: a dense Llama or Qwen3 becomes our MoE whose loss at step 0 equals the dense model's.
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import ConfigError, load_config
 from dist_moe.hf import load
 from dist_moe.model.transformer import Transformer, generate
@@ -22,7 +27,7 @@ SHAPE = dict(vocab_size=80, hidden_size=32, num_hidden_layers=2, num_attention_h
              max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.2)
 
 
-def save_random(config, path, edit=None):
+def save_random(config, path, edit=None, original_format=True):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     for name, p in model.named_parameters():  # norms away from 1, so a mix-up shows
@@ -30,7 +35,7 @@ def save_random(config, path, edit=None):
             p.data.uniform_(0.5, 1.5)
     if edit:
         edit(model)
-    model.save_pretrained(path)
+    model.save_pretrained(path, save_original_format=original_format)
     return model
 
 
@@ -66,10 +71,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("original_format", [True, False], ids=["per_expert", "transformers5_names"])
 @pytest.mark.parametrize("case", CASES)
-def test_imported_model_gives_transformers_logits(case, tmp_path):
+def test_imported_model_gives_transformers_logits(case, original_format, tmp_path):
     config_class, shape, edit = CASES[case]
-    hf = save_random(config_class(**{**SHAPE, **shape}), tmp_path, edit)
+    hf = save_random(config_class(**{**SHAPE, **shape}), tmp_path, edit, original_format)
+    fused = any(k.endswith("experts.gate_up_proj") for k in load.read_weights(tmp_path))
+    assert fused == (not original_format)
     ours = ours_from("from_hf", tmp_path)
     assert ours.cfg.moe.shared_expert == (edit is not None)
     assert ours.cfg.model.qk_norm == (config_class is transformers.Qwen3MoeConfig)
@@ -113,3 +121,77 @@ def test_upcycling_at_top1_is_refused(tmp_path):
     save_random(transformers.LlamaConfig(**SHAPE, intermediate_size=48), tmp_path)
     with pytest.raises(ConfigError, match="moe.top_k"):
         ours_from("upcycle_from", tmp_path, ["moe.top_k=1"])
+
+
+def save_char_tokenizer(path):
+    """A character-level tokenizer for the folder (its ids cover the model's 80)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789 ():=+-*/,.\n"
+    tokenizer = Tokenizer(models.WordLevel({**{c: i for i, c in enumerate(chars)}, "<eos>": 79}, unk_token="<eos>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def test_generate_from_hf_takes_a_model_shorter_than_the_training_default(tmp_path):
+    config_class, shape, _ = CASES["mixtral_top2_sliding"]
+    hf = save_random(config_class(**{**SHAPE, **shape}), tmp_path, original_format=False)  # 64 positions
+    tokenizer = save_char_tokenizer(tmp_path)
+    text = load.generate_from_hf(tmp_path, "def f(x):", max_new_tokens=16, temperature=0, top_k=0, seed=0)
+    ids = tokenizer("def f(x):", return_tensors="pt", add_special_tokens=False).input_ids
+    theirs = hf.generate(ids, max_new_tokens=16, do_sample=False, top_k=None, temperature=None, eos_token_id=None)
+    assert text == tokenizer.decode(theirs[0])
+
+
+def mixtral_folder(path, original_format=True):
+    config_class, shape, _ = CASES["mixtral_top2_sliding"]
+    save_random(config_class(**{**SHAPE, **shape}), path, original_format=original_format)
+    return path
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+
+def drop_weight(path, name):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path / "model.safetensors"))
+    del state[name]
+    save_file(state, str(path / "model.safetensors"))
+
+
+MALFORMED = {
+    "missing_config_key": (True, lambda p: edit_config(p, hidden_size=None), "no key 'hidden_size'"),
+    "config_not_json": (True, lambda p: (p / "config.json").write_text("{not json"), "not JSON"),
+    "missing_router": (False, lambda p: drop_weight(p, "model.layers.1.mlp.gate.weight"),
+                       "no weight 'model.layers.1.mlp.gate.weight'"),
+    "missing_expert": (True, lambda p: drop_weight(p, "model.layers.0.block_sparse_moe.experts.3.w2.weight"),
+                       "no weight 'model.layers.0.block_sparse_moe.experts.3.w2.weight'"),
+    "fused_experts_of_another_count": (False, lambda p: edit_config(p, num_local_experts=3), "gate_up_proj (4, 96, 32)"),
+    "weights_of_another_width": (True, lambda p: edit_config(p, intermediate_size=40), "config.json makes it"),
+    "torn_safetensors": (True, lambda p: (p / "model.safetensors").write_bytes(b"\x08\x00"),
+                         "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_folder_is_a_one_line_error(case, tmp_path):
+    original_format, damage, expected = MALFORMED[case]
+    damage(mixtral_folder(tmp_path, original_format))
+    with pytest.raises(ConfigError) as refused:
+        ours_from("from_hf", tmp_path)
+    assert expected in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_generate_from_hf_on_a_malformed_folder_says_one_line(tmp_path):
+    drop_weight(mixtral_folder(tmp_path, original_format=False), "model.layers.1.mlp.gate.weight")
+    save_char_tokenizer(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "dist_moe.cli", "generate", "--from-hf", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no weight 'model.layers.1.mlp.gate.weight'" in errors[0]

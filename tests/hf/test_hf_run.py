@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
 from dist_moe.config import from_yaml_file
 from dist_moe.data import Tokenizer
 from dist_moe.data.sources import iter_source

@@ -81,8 +81,6 @@ def test_yarn_frequencies_equal_the_reference_implementation(s, fast, slow):
     dict(rope_factor=4.0, rope_attention_factor=1.3),
 ])
 def test_yarn_equals_transformers(params):
-    import dist_moe.hf  # noqa: F401  (before transformers: see dist_moe/hf/__init__.py)
-
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

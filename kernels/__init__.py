@@ -1,1 +1,0 @@
-"""Triton kernels, each beside the PyTorch function it must equal. Imports only torch and triton."""
