@@ -15,7 +15,6 @@ export PYTHONUNBUFFERED=1
 if ! python3 -c "import dist_moe" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
-  ln -sfn ../kernels dist_moe/kernels
   ln -sfn ../configs dist_moe/presets
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
