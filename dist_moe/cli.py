@@ -172,7 +172,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise config.ConfigError("dist-moe generate: expected RUN_DIR or --from-hf PATH")
     from dist_moe.train.generate import generate_text
 
-    print(generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    sample = generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(sample.text)
+    print(sample.speed(), file=sys.stderr)  # stdout holds the sample alone
     return 0
 
 

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from dist_moe.config import ConfigError, from_yaml_file
-from dist_moe.train import checkpoint
+from dist_moe.train.checkpoint_reader import complete_checkpoints
 from dist_moe.train.heartbeat import SILENT_AFTER_S
 
 
@@ -57,7 +57,7 @@ def run_status(run_dir: Path) -> str:
     except (OSError, ConfigError):
         max_steps = "?"
     step = _last_logged_step(run_dir)
-    complete = checkpoint.complete_checkpoints(run_dir)
+    complete = complete_checkpoints(run_dir)
     lines = [f"run {run_dir}: last logged step {step if step is not None else '-'} of {max_steps}; newest "
              f"checkpoint {complete[-1].name if complete else '-'} ({len(complete)} complete)"]
     summary = _json(run_dir / "summary.json")
