@@ -103,11 +103,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if Path(args.job_id).is_dir():  # a run dir (a job id is never one): progress and every rank's heartbeat
+    if Path(args.job_id).is_dir():  # a run dir (a job id is never one): progress, history, every rank's heartbeat
         from dist_moe.train.progress import run_status
 
         print(run_status(Path(args.job_id)))
         return 0
+    if os.sep in args.job_id or args.job_id.startswith(("~", ".")):  # Ray job ids hold no path separator
+        raise config.ConfigError(f"run dir '{args.job_id}' does not exist (expected a run dir or a Ray job id)")
     from dist_moe.cluster import jobs
 
     jobs.status(args.address, args.job_id)
@@ -331,7 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         positional.extend(extra)
     args.debug = "--debug" in argv
-    return run_guarded(lambda: args.fn(args), args.debug)
+    return run_guarded(lambda: _into_a_closed_pipe(args.fn, args), args.debug)
+
+
+def _into_a_closed_pipe(fn, args: argparse.Namespace) -> int:
+    """`dist-moe status RUN_DIR | head`: when the reader closes the pipe, stop writing quietly, as cat does."""
+    try:
+        code = fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":
