@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dist_moe.cluster.ray_logs import quiet_ray_logs
 from dist_moe.config import ClusterConfig, Config, to_yaml
 from dist_moe.train import events
 
@@ -120,6 +121,9 @@ def init_ray(address: str) -> None:
     if not sys.stdout.isatty():  # a log file (a submitted job's, nohup's): worker lines without colour codes;
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the driver reads it as it prints each worker line
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; its "[repeated Nx]" note is always coloured
+    # Ray Train's node-drain watcher (preemptible clusters; we never read it) logged an error line at every start;
+    # the driver passes this on to Ray Train's controller
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
     if ray.is_initialized():
@@ -132,6 +136,7 @@ def init_ray(address: str) -> None:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
+    quiet_ray_logs()
 
 
 def scaling_config(cfg: Config):
