@@ -38,12 +38,14 @@ class Soak:
     def __init__(self, cluster: NetnsCluster, work: Path, steps: int):
         self.cluster, self.work, self.steps = cluster, work, steps
         self.run_dir = work / "soak"
+        self.cwd = work / "cwd"  # what a submit uploads as the job's working dir: empty, not the run dirs
+        self.cwd.mkdir(exist_ok=True)
         self.kills: list[dict] = []
         self.stops: list[dict] = []
 
     def dist_moe(self, *args: str, timeout: int = 600) -> str:
         result = self.cluster.exec([sys.executable, "-m", "dist_moe.cli", *args], capture_output=True, text=True,
-                                   timeout=timeout, cwd=self.work)
+                                   timeout=timeout, cwd=self.cwd)
         return result.stdout + result.stderr
 
     def submit(self, run_dir: Path, wait: bool = False) -> str:
