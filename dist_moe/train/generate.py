@@ -29,8 +29,9 @@ class Sample:
     sample_seconds: float  # prefill and every new token
 
     def speed(self) -> str:
-        return (f"{self.new_tokens} tokens in {self.sample_seconds:.2f} s ({self.new_tokens / self.sample_seconds:.1f} "
-                f"tokens/s) after {self.load_seconds:.2f} s loading")
+        tokens = f"{self.new_tokens} token{'s' if self.new_tokens != 1 else ''}"
+        return (f"{tokens} in {self.sample_seconds:.2f} s ({self.new_tokens / self.sample_seconds:.1f} tokens/s) "
+                f"after {self.load_seconds:.2f} s loading")
 
 
 def load_model(run_dir: Path) -> tuple[Transformer, int]:
