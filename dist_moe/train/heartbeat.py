@@ -63,9 +63,9 @@ class Heartbeat:
         return self.dir / f"rank{rank}.json"
 
     def _write(self) -> None:
-        beat = {"rank": self.rank, "host": self.host, "ip": self.ip, "pid": self.pid, "step": self.step, "phase": self.phase,
-                "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(), "beat": self.beats,
-                "closed": self.closed}
+        beat = {"rank": self.rank, "host": self.host, "ip": self.ip, "pid": self.pid, "step": self.step,
+                "phase": self.phase, "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(),
+                "beat": self.beats, "closed": self.closed}
         tmp = self.dir / f".rank{self.rank}.json.tmp"
         try:  # rename, not fsync: a reader sees a whole file; a beat lost to a crash costs nothing
             tmp.write_text(json.dumps(beat) + "\n")
@@ -135,5 +135,6 @@ def culprits(me: Heartbeat, before: list[dict | None], after: list[dict | None])
 def hang_report(me: Heartbeat, before: list[dict | None], after: list[dict | None]) -> str:
     """One line: which ranks stopped, where this rank waited, how to continue."""
     return (f"hang: {culprits(me, before, after)}; rank {me.rank} ({me.host}) waited "
-            f"{time.monotonic() - me.since:.0f} s at step {me.step} in '{me.phase}' (cluster.hang_timeout_s={me.timeout_s:g}); heartbeats in {me.dir}; the "
-            f"checkpoints are intact: continue with `dist-moe resume {me.run_dir}`")
+            f"{time.monotonic() - me.since:.0f} s at step {me.step} in '{me.phase}' (cluster.hang_timeout_s="
+            f"{me.timeout_s:g}); heartbeats in {me.dir}; the checkpoints are intact: continue with "
+            f"`dist-moe resume {me.run_dir}`")

@@ -59,8 +59,9 @@ def test_reader_gives_the_parameters_the_engine_loads_from_an_ep2_checkpoint(ep2
 
 
 def test_generate_prints_the_sample_on_stdout_and_its_speed_on_stderr(ep2_run):
-    result = subprocess.run([sys.executable, "-m", "dist_moe.cli", "generate", str(ep2_run), "--prompt", "def main():",
-                             "--max-new-tokens", "6", "--temperature", "0"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "dist_moe.cli", "generate", str(ep2_run), "--prompt",
+                             "def main():", "--max-new-tokens", "6", "--temperature", "0"], capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("def main():") and "tokens/s" in result.stderr and "tokens/s" not in result.stdout
     probe = subprocess.run([sys.executable, "-c", SAMPLE_WITHOUT_DEEPSPEED, str(ep2_run)], capture_output=True,
