@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -49,7 +50,34 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not saved.is_file():
         raise config.ConfigError(f"run dir '{run_dir}' has no config.yaml (is it a dist-moe run dir?)")
     cfg = config.load_config(str(saved), [*args.overrides, f"run_dir={run_dir}", "resume=auto"])
-    return _launch(cfg, args)
+    return _launch(_fit_to_ranks(cfg, run_dir, args), args)
+
+
+def _fit_to_ranks(cfg: config.Config, run_dir: Path, args: argparse.Namespace) -> config.Config:
+    """A resume on another number of ranks (another launcher, --nproc, cluster.num_workers) keeps the global
+    batch, and so every step's data, as an elastic Ray run does (config.fit_to_workers): the micro batch scales
+    with the rank count and moe.ep_size becomes gcd(ep_size, ranks). Keys given on the command line win."""
+    from dist_moe.train.checkpoint_reader import candidates
+
+    found = candidates(run_dir)
+    saved_ranks = len(list(found[0].glob("trainer_rank*.pt"))) if found else 0  # one file per rank that saved
+    ranks = cfg.cluster.num_workers if cfg.cluster.kind == "ray" else args.nproc
+    given = {item.split("=", 1)[0] for item in args.overrides}
+    if not saved_ranks or saved_ranks == ranks or given & {"train.micro_batch_size", "moe.ep_size"}:
+        return cfg
+    t = cfg.train
+    if t.micro_batch_size * saved_ranks % ranks:
+        raise config.ConfigError(
+            f"the checkpoint's global batch ({t.micro_batch_size} x {t.grad_accum_steps} x {saved_ranks} ranks) does "
+            f"not split over {ranks} ranks: set train.micro_batch_size (and train.grad_accum_steps) so that "
+            f"micro x accum x {ranks} = {t.micro_batch_size * t.grad_accum_steps * saved_ranks}")
+    as_saved = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, num_workers=saved_ranks))
+    fitted = dataclasses.replace(config.fit_to_workers(as_saved, ranks), cluster=cfg.cluster)
+    print(f"resume on {ranks} rank(s), saved on {saved_ranks}: train.micro_batch_size {t.micro_batch_size} -> "
+          f"{fitted.train.micro_batch_size}, moe.ep_size {cfg.moe.ep_size} -> {fitted.moe.ep_size} (the global batch "
+          f"stays {t.micro_batch_size * t.grad_accum_steps * saved_ranks}; both are saved in config.yaml)",
+          file=sys.stderr, flush=True)
+    return fitted
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
@@ -112,11 +140,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if Path(args.job_id).is_dir():  # a run dir (a job id is never one): progress and every rank's heartbeat
+    if Path(args.job_id).is_dir():  # a run dir (a job id is never one): progress, history, every rank's heartbeat
         from dist_moe.train.progress import run_status
 
         print(run_status(Path(args.job_id)))
         return 0
+    if os.sep in args.job_id or args.job_id.startswith(("~", ".")):  # Ray job ids hold no path separator
+        raise config.ConfigError(f"run dir '{args.job_id}' does not exist (expected a run dir or a Ray job id)")
     from dist_moe.cluster import jobs
 
     jobs.status(args.address, args.job_id)
@@ -181,7 +211,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise config.ConfigError("dist-moe generate: expected RUN_DIR or --from-hf PATH")
     from dist_moe.train.generate import generate_text
 
-    print(generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    sample = generate_text(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    print(sample.text)
+    print(sample.speed(), file=sys.stderr)  # stdout holds the sample alone
     return 0
 
 
@@ -350,7 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         positional.extend(extra)
     args.debug = "--debug" in argv
-    return run_guarded(lambda: args.fn(args), args.debug)
+    return run_guarded(lambda: _into_a_closed_pipe(args.fn, args), args.debug)
+
+
+def _into_a_closed_pipe(fn, args: argparse.Namespace) -> int:
+    """`dist-moe status RUN_DIR | head`: when the reader closes the pipe, stop writing quietly, as cat does."""
+    try:
+        code = fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter flushes stdout at exit
+        return 0
 
 
 if __name__ == "__main__":

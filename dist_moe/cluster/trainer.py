@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from dist_moe.cluster.ray_logs import quiet_ray_logs
 from dist_moe.config import ClusterConfig, Config, to_yaml
+from dist_moe.train import events
 
 # Ray Train (2.60) patches print() in its workers to log each line as well as write it, and Ray forwards
 # both to the driver: every worker line came out twice. Turned off for the workers we start.
@@ -51,8 +53,30 @@ def _worker(loop_config: dict) -> None:
         print(f"elastic: {world_size} of {cfg.cluster.num_workers} workers; micro batch "
               f"{cfg.train.micro_batch_size} -> {fitted.train.micro_batch_size}, "
               f"EP {cfg.moe.ep_size} -> {fitted.moe.ep_size}", flush=True)
-    grow = GrowBack(cfg.cluster, world_size, ray.available_resources) if cfg.cluster.min_workers else None
+    record_start(cfg, fitted, rank, world_size)
+    grow = None
+    if cfg.cluster.min_workers:
+        grow = GrowBack(cfg.cluster, world_size, ray.available_resources, cfg.run_dir)
     run(fitted, grow, stop_file=Path(loop_config["stop_file"]))
+
+
+def record_start(cfg: Config, fitted: Config, rank: int, world_size: int) -> None:
+    """The worker group's start in RUN_DIR/events.jsonl (written by rank 0): why it (re)started, its size, EP,
+    the step it resumes from and its nodes' IPs (gathered from every rank over Ray Train's process group)."""
+    import ray
+    import torch
+
+    from dist_moe.train.checkpoint_reader import candidates, checkpoint_step
+
+    ips: list = [None] * world_size
+    torch.distributed.all_gather_object(ips, ray.util.get_node_ip_address())
+    if rank != 0:
+        return
+    alive = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
+    found = candidates(Path(cfg.run_dir))
+    events.record(cfg.run_dir, "start", cause=events.restart_cause(events.read(cfg.run_dir), alive),
+                  workers=world_size, of=cfg.cluster.num_workers, ep_size=fitted.moe.ep_size,
+                  from_step=checkpoint_step(found[0]) if found else 0, nodes=sorted(set(ips)))
 
 
 class GrowBack:
@@ -61,10 +85,12 @@ class GrowBack:
     saves before Ray Train's resize (checked every cluster.resize_check_s) kills the group; the group
     restarts larger from that checkpoint, so no step is lost."""
 
-    def __init__(self, cluster: ClusterConfig, world_size: int, available_resources: Callable[[], dict]):
+    def __init__(self, cluster: ClusterConfig, world_size: int, available_resources: Callable[[], dict],
+                 run_dir: str):
         self.available_resources = available_resources  # ray.available_resources
         self.interval_s = cluster.resize_check_s
         self.can_grow = world_size < cluster.num_workers
+        self.run_dir, self.is_main = run_dir, False
         self.resource = "GPU" if cluster.use_gpu else "CPU"
         self.next_check = 0.0
 
@@ -73,6 +99,7 @@ class GrowBack:
 
         if not self.can_grow:
             return False
+        self.is_main = ctx.is_main
         room = (ctx.is_main and time.monotonic() >= self.next_check
                 and self.available_resources().get(self.resource, 0) >= 1)
         flag = torch.tensor([int(room)], device=ctx.device)
@@ -83,6 +110,8 @@ class GrowBack:
         """Ray Train resizes at its first check once it counts the node, which lags (RAY_TRAIN_NODE_VIEW_LAG_S);
         if it has not after that lag and two checks (the room went to something else), train on and look
         again after another two checks."""
+        if self.is_main:
+            events.record(self.run_dir, "resize")
         time.sleep(RAY_TRAIN_NODE_VIEW_LAG_S + 2 * self.interval_s)
         self.next_check = time.monotonic() + 2 * self.interval_s
 
@@ -92,6 +121,9 @@ def init_ray(address: str) -> None:
     if not sys.stdout.isatty():  # a log file (a submitted job's, nohup's): worker lines without colour codes;
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # the driver reads it as it prints each worker line
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # read at import; its "[repeated Nx]" note is always coloured
+    # Ray Train's node-drain watcher (preemptible clusters; we never read it) logged an error line at every start;
+    # the driver passes this on to Ray Train's controller
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
     if ray.is_initialized():
@@ -104,6 +136,7 @@ def init_ray(address: str) -> None:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  num_cpus=os.cpu_count(), runtime_env={"env_vars": WORKER_ENV}, logging_level=quiet)
+    quiet_ray_logs()
 
 
 def scaling_config(cfg: Config):
@@ -128,6 +161,7 @@ def train_on_ray(cfg: Config) -> int:
     resumable = dataclasses.replace(cfg, run_dir=str(run_dir), resume="auto")
     stop_file = run_dir / STOP_FILE
     stop_file.unlink(missing_ok=True)  # left by a driver that was killed before it could clean up
+    events.record(run_dir, "launch", workers=cfg.cluster.num_workers, min_workers=cfg.cluster.min_workers)
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config_yaml": to_yaml(resumable), "stop_file": str(stop_file)},
@@ -190,6 +224,7 @@ def _fit_until_stopped(trainer, stop_file: Path, timeout_s: float):
             raise KeyboardInterrupt
         stop_requested_at = time.monotonic()
         stop_file.write_text(f"{signal.Signals(signum).name}\n")
+        events.record(stop_file.parent, "stop", signal=signal.Signals(signum).name)
         print(f"{signal.Signals(signum).name}: the workers save the current step and stop (up to {timeout_s:g} s; "
               "a second signal stops at once, without saving)", file=sys.stderr, flush=True)
 

@@ -92,14 +92,22 @@ def init_distributed(cfg: Config) -> DistContext:
             torch.distributed.init_process_group("nccl", device_id=device, timeout=process_group_timeout(cfg))
     import deepspeed
 
+    skip_shm_comm_op(deepspeed)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    # verbose=False does not silence its CPU shared-memory op's "built successfully" print; stdout is the product's
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()):  # verbose=False leaves prints; stdout is the product's
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=process_group_timeout(cfg))
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     check_world_size(cfg, world_size)
     return DistContext(rank, world_size, local_rank, device, owns_process_group)
+
+
+def skip_shm_comm_op(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm, a C++ build of
+    25-100 s in ~/.cache/torch_extensions, redone whenever another virtualenv shares that cache) at every
+    start, for `inference_all_reduce` alone (tensor-parallel inference), which training never calls: marking
+    the op incompatible makes it skip the build, and that call falls back to torch.distributed.all_reduce."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def lr_lambda(cfg: Config):

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from dist_moe.train import events
+
 HANG_EXIT_CODE = 3
 OBSERVED_BEATS = 3  # beat periods a peer's counter must stand still, after the timeout, to count as stopped
 MIN_GAP_S = 0.25  # between two writes: a few per step at most
@@ -33,7 +35,7 @@ class Heartbeat:
         self.dir = Path(run_dir) / "heartbeats"
         self.run_dir, self.rank, self.world_size, self.timeout_s = Path(run_dir), rank, world_size, timeout_s
         self.interval = min(MAX_INTERVAL_S, timeout_s / 4)
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.host, self.ip, self.pid = socket.gethostname(), node_ip(), os.getpid()
         self.step, self.phase, self.since, self.watched = 0, "starting", time.monotonic(), False
         self.beats, self.closed = 0, False
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -61,9 +63,9 @@ class Heartbeat:
         return self.dir / f"rank{rank}.json"
 
     def _write(self) -> None:
-        beat = {"rank": self.rank, "host": self.host, "pid": self.pid, "step": self.step, "phase": self.phase,
-                "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(), "beat": self.beats,
-                "closed": self.closed}
+        beat = {"rank": self.rank, "host": self.host, "ip": self.ip, "pid": self.pid, "step": self.step,
+                "phase": self.phase, "phase_seconds": round(time.monotonic() - self.since, 1), "time": time.time(),
+                "beat": self.beats, "closed": self.closed}
         tmp = self.dir / f".rank{self.rank}.json.tmp"
         try:  # rename, not fsync: a reader sees a whole file; a beat lost to a crash costs nothing
             tmp.write_text(json.dumps(beat) + "\n")
@@ -97,12 +99,24 @@ class Heartbeat:
             self._stopped.wait(MIN_GAP_S)
 
     def _exit_hung(self, before: list[dict | None], after: list[dict | None]) -> None:
+        events.record(self.run_dir, "hang", rank=self.rank, step=self.step, culprits=culprits(self, before, after))
         print(f"error: {hang_report(self, before, after)}", file=sys.stderr, flush=True)
         os._exit(HANG_EXIT_CODE)  # the main thread is blocked in the collective: nothing else can end it
 
 
-def hang_report(me: Heartbeat, before: list[dict | None], after: list[dict | None]) -> str:
-    """One line: which ranks stopped (host, pid, step, phase), where this rank waited, how to continue."""
+def node_ip() -> str:
+    """This node's address on the path to MASTER_ADDR (the process group's rendezvous, set by every launcher):
+    on a cluster the node's own IP, where host names may all read alike. No packet is sent (UDP connect)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((os.environ.get("MASTER_ADDR", "127.0.0.1"), 1))
+            return probe.getsockname()[0]
+        except OSError:
+            return "?"
+
+
+def culprits(me: Heartbeat, before: list[dict | None], after: list[dict | None]) -> str:
+    """Which ranks stopped beating (host, pid, step, phase), or where the live ones are."""
     def where(beat: dict) -> str:
         return (f"rank {beat['rank']} ({beat['host']}, pid {beat['pid']}, last heartbeat at step {beat['step']} "
                 f"in '{beat['phase']}')")
@@ -110,13 +124,17 @@ def hang_report(me: Heartbeat, before: list[dict | None], after: list[dict | Non
     peers = [r for r in range(me.world_size) if r != me.rank]
     silent = [r for r in peers if after[r] is None or before[r] is None or after[r]["beat"] == before[r]["beat"]]
     if silent:
-        culprits = "stopped beating: " + "; ".join(
+        return "stopped beating: " + "; ".join(
             where(after[r] or before[r]) if (after[r] or before[r]) else f"rank {r} (no heartbeat file)"
             for r in silent)
-    else:
-        elsewhere = [after[r] for r in peers if (after[r]["step"], after[r]["phase"]) != (me.step, me.phase)]
-        culprits = ("every rank is alive; elsewhere: " + "; ".join(where(b) for b in elsewhere) if elsewhere else
-                    "every rank is alive and in the same phase (a phase slower than the timeout?)")
-    return (f"hang: {culprits}; rank {me.rank} ({me.host}) waited {time.monotonic() - me.since:.0f} s at step "
-            f"{me.step} in '{me.phase}' (cluster.hang_timeout_s={me.timeout_s:g}); heartbeats in {me.dir}; the "
-            f"checkpoints are intact: continue with `dist-moe resume {me.run_dir}`")
+    elsewhere = [after[r] for r in peers if (after[r]["step"], after[r]["phase"]) != (me.step, me.phase)]
+    return ("every rank is alive; elsewhere: " + "; ".join(where(b) for b in elsewhere) if elsewhere else
+            "every rank is alive and in the same phase (a phase slower than the timeout?)")
+
+
+def hang_report(me: Heartbeat, before: list[dict | None], after: list[dict | None]) -> str:
+    """One line: which ranks stopped, where this rank waited, how to continue."""
+    return (f"hang: {culprits(me, before, after)}; rank {me.rank} ({me.host}) waited "
+            f"{time.monotonic() - me.since:.0f} s at step {me.step} in '{me.phase}' (cluster.hang_timeout_s="
+            f"{me.timeout_s:g}); heartbeats in {me.dir}; the checkpoints are intact: continue with "
+            f"`dist-moe resume {me.run_dir}`")

@@ -236,6 +236,7 @@ class Checkpoints:
             say(ctx, f"more workers can start: saving step {step} before Ray Train resizes the worker group")
             if not periodic:  # else saved just above
                 self.save(step)
+            self.heartbeat.enter("waiting for Ray Train to resize", watched=False)
             grow.wait()
         return False
 

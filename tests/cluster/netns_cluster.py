@@ -200,6 +200,32 @@ class NetnsCluster:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
+def walkthrough(cluster: NetnsCluster, cpus_per_node: int) -> str:
+    """The lines an operator runs against this cluster, runnable as printed: inside a namespace PATH may not
+    hold this venv, so the commands are this interpreter's own scripts, by absolute path."""
+    bindir = Path(sys.executable).absolute().parent
+    head, last = cluster.names[0], len(cluster.names) - 1
+    exports = " ".join(f"{k}={v}" for k, v in sorted(cluster.env.items()) if k != "PATH" and os.environ.get(k) != v)
+    return "\n".join([
+        f"{len(cluster.names)} nodes up: head {head} at {cluster.ips[0]}, workers "
+        + ", ".join(f"{n} at {ip}" for n, ip in zip(cluster.names[1:], cluster.ips[1:])),
+        "in another root shell, this cluster's environment first:",
+        f"  export {exports}",
+        "submit from the head's namespace (the cluster's addresses exist only there):",
+        f"  ip netns exec {head} {bindir}/dist-moe submit --no-wait --address {cluster.address} tiny "
+        "run_dir=/tmp/run3 cluster.num_workers=2 moe.ep_size=2 cluster.min_workers=1 "
+        "ckpt.every=20",
+        f"  ip netns exec {head} {bindir}/dist-moe logs --follow --address {cluster.address} JOB_ID",
+        f"  {bindir}/dist-moe status /tmp/run3",
+        f"kill a node:  ip netns pids {cluster.names[last]} | xargs kill -9",
+        "bring it back (a Ray temp dir of its own, see docs/launching.md):",
+        f"  ip netns exec {cluster.names[last]} {bindir}/ray start --address {cluster.ips[0]}:{GCS_PORT} "
+        f"--node-ip-address {cluster.ips[last]} --num-cpus {cpus_per_node} --temp-dir {cluster.temp}/ray{last}.1",
+        f"stop the job:  ip netns exec {head} {bindir}/dist-moe stop --address {cluster.address} JOB_ID",
+        "Ctrl-C tears everything down.",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=3, help="namespaces, the head included")
@@ -209,20 +235,7 @@ def main() -> None:
     if reason:
         sys.exit(f"netns cluster: {reason}")
     cluster = NetnsCluster(args.nodes, args.cpus_per_node).start()
-    head = cluster.names[0]
-    print(f"{args.nodes} nodes up: head {head} at {cluster.ips[0]}, workers "
-          + ", ".join(f"{n} at {ip}" for n, ip in zip(cluster.names[1:], cluster.ips[1:])))
-    print(f"submit from the head's namespace, with this cluster's environment:\n"
-          f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN={cluster.env['RAY_AUTH_TOKEN']} GLOO_SOCKET_IFNAME=eth0\n"
-          f"  ip netns exec {head} dist-moe submit --address {cluster.address} tiny run_dir=/tmp/run "
-          f"cluster.num_workers={args.nodes - 1} ...")
-    last = len(cluster.names) - 1
-    print(f"kill a node:  ip netns pids {cluster.names[last]} | xargs kill -9\n"
-          f"bring it back (a Ray temp dir of its own, see docs/launching.md):\n"
-          f"  ip netns exec {cluster.names[last]} ray start --address {cluster.ips[0]}:{GCS_PORT} "
-          f"--node-ip-address {cluster.ips[last]} --num-cpus {args.cpus_per_node} "
-          f"--temp-dir {cluster.temp}/ray{last}.1\n"
-          "Ctrl-C tears everything down.", flush=True)
+    print(walkthrough(cluster, args.cpus_per_node), flush=True)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

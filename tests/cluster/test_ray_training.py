@@ -85,6 +85,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint_without_gaps(ray_head, 
     assert summary["step"] == steps and summary["completed"]
     logs = dist_moe("logs", "--address", ray_head, job_id, cwd=tmp_path).stdout
     assert "resumed from" in logs
+    story = dist_moe("status", str(run_dir), cwd=tmp_path).stdout  # the run dir's history tells the restart
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", logs).group(1))
+    assert "started (launch): 2 workers of 2, EP 2, from step 0" in story, story
+    assert f"restarted (worker died): 2 workers of 2, EP 2, from step {resumed}" in story, story
 
 
 def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint(ray_head, tmp_path, cache_dir):
@@ -127,6 +131,8 @@ def test_stopped_worker_is_named_and_the_group_restarts_from_the_last_checkpoint
     assert "resumed from" in logs
     assert logged_steps(run_dir) == list(range(1, steps + 1))  # no step missing or repeated
     assert json.loads((run_dir / "summary.json").read_text())["completed"]
+    story = dist_moe("status", str(run_dir), cwd=tmp_path).stdout
+    assert "hang caught by rank 0" in story and "restarted (hang): 2 workers of 2" in story, story
 
 
 def test_dist_moe_stop_saves_the_current_step_and_the_run_resumes(ray_head, tmp_path, cache_dir):
