@@ -80,7 +80,7 @@ def load_prepared(run_dir: Path) -> PreparedData:
     try:
         record = json.loads(path.read_text())
         tokenizer = Path(run_dir) / record["tokenizer_path"]
-        folder = Path(record["folder"] if "folder" in record else record["train_path"]).parent
+        folder = Path(record["folder"]) if "folder" in record else Path(record["train_path"]).parent
     except (OSError, ValueError, TypeError, KeyError):
         raise DataError(f"{path}: cannot read the prepared data record; run prepare_data for this run dir "
                         "first") from None
