@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, optimal_exponents
+from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_optimum_reason, optimal_exponents
 from dist_moe.scaling.fit import (
     EPOCH_EXPONENTS,
     LawFit,
@@ -118,7 +118,7 @@ def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fi
         lines += ["", (f"experts = {experts} ({len(sub)} runs, N {_range(sub.n_active)}, D {_range(sub.tokens)}, "
                        f"rms log-residual {_rms(fit.law, sub):.4f})")]
         lines += _fixed_note(held, len(sub))
-        lines += _law_lines(fit.law, laws, level, budget, held)
+        lines += _law_lines(fit.law, laws, level, budget, held, sub)
         fits[experts] = (sub, fit.law)
         if out is not None:
             plots.append(plot_isoloss(sub, fit.law, _in(out, f"isoloss_experts{experts}.png"), budget, experts))
@@ -172,9 +172,8 @@ def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, lev
     lines.append(_row("gamma", fit.law.gamma, [law.gamma for law in laws], level))
     if budget:
         for experts in per_count:
-            best = compute_optimal(fit.law, budget, experts)
-            samples = [compute_optimal(law, budget, experts) for law in laws]
-            lines.append(f"  X = {experts}: " + _allocation_text(best, samples, level))
+            runs = table.select(table.num_experts == experts)
+            lines.append(f"  X = {experts}: " + _allocation_text(fit.law, laws, budget, level, runs, experts))
     return lines
 
 
@@ -189,26 +188,36 @@ def _skipped_lines(skipped: list[tuple[float, str]], shown: int = 6) -> list[str
 
 
 def _law_lines(law: LossLaw, laws: list[LossLaw], level: float, budget: float | None,
-               fixed: dict[str, float] | None = None) -> list[str]:
+               fixed: dict[str, float] | None = None, runs: ResultsTable | None = None) -> list[str]:
     lines = [_row(k, getattr(law, k), [getattr(s, k) for s in laws], level) if k not in (fixed or {})
              else f"  {k:<6} {getattr(law, k):>11.4g}   (fixed)" for k in ("A", "B", "E", "alpha", "beta")]
     a, b = optimal_exponents(law)
     lines.append(_row("a", a, [optimal_exponents(s)[0] for s in laws], level) + "   (N_opt ~ C^a, a = beta/(alpha+beta))")
     lines.append(_row("b", b, [optimal_exponents(s)[1] for s in laws], level) + "   (D_opt ~ C^b)")
     if budget:
-        best = compute_optimal(law, budget)
-        lines.append("  " + _allocation_text(best, [compute_optimal(s, budget) for s in laws], level))
+        lines.append("  " + _allocation_text(law, laws, budget, level, runs))
     return lines
 
 
-def _allocation_text(best, samples, level: float) -> str:
+def _allocation_text(law: LossLaw, laws: list[LossLaw], budget: float, level: float, runs: ResultsTable,
+                     experts: float = 1.0) -> str:
+    """The optimum at `budget` with intervals over the resampled laws that have one; a fit that found no
+    trade-off between N and D (see no_optimum_reason) gets its reason instead."""
+    reason = no_optimum_reason(law, runs.n_active, runs.tokens, experts)
+    if reason:
+        return f"at C = {budget:.3g}: no allocation: {reason}"
+    best = compute_optimal(law, budget, experts)
+    samples = [compute_optimal(s, budget, experts) for s in laws
+               if not no_optimum_reason(s, runs.n_active, runs.tokens, experts)]
+    dropped = f" ({len(laws) - len(samples)} of {len(laws)} resamples had no optimum)" if len(samples) < len(laws) else ""
+
     def ci(values) -> str:
         return " [{:.3g}, {:.3g}]".format(*percentile_interval(values, level)) if samples else ""
 
     return (f"at C = {best.flops:.3g}: N_opt {best.n_opt:.3g}{ci([s.n_opt for s in samples])}, "
             f"D_opt {best.d_opt:.3g}{ci([s.d_opt for s in samples])}, "
             f"{best.tokens_per_param:.1f} tokens/param{ci([s.tokens_per_param for s in samples])}, "
-            f"predicted loss {best.loss:.4f}{ci([s.loss for s in samples])}")
+            f"predicted loss {best.loss:.4f}{ci([s.loss for s in samples])}{dropped}")
 
 
 def _row(name: str, value: float, samples: list[float], level: float) -> str:

@@ -99,3 +99,18 @@ def test_exclude_highest_drops_the_worst_runs_before_fitting(results):
     kept = table.select(np.isin(table.name, worst, invert=True)).by_experts()[8]
     direct = fit_loss_law(kept.n_active, kept.tokens, kept.val_loss, starts=grid_starts("coarse")).law
     assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)
+
+
+def test_runs_where_loss_rises_with_size_get_a_one_line_no_allocation(tmp_path):
+    """Issue 36: very short runs where the larger model is still behind. The held-exponent fit then drives A to
+    0 (G = 0, D_opt = inf); the report must say why there is no optimum, draw its plots, and print no inf."""
+    path = tmp_path / "behind.jsonl"
+    for n, slower in ((2e5, 1.0), (6e5, 1.03)):
+        for d in (1e5, 3e5):
+            loss = slower * (1.5 + 900.0 / d ** 0.3672)
+            append_run(path, Run(f"n{n:.0e}-d{d:.0e}", 4, 4 * n, n, d, 6 * n * d, loss))
+    report = run_fit(path, budget=1e12, bootstrap=5, out_dir=tmp_path / "plots", grid="coarse", workers=1,
+                     progress=False)
+    assert "at C = 1e+12: no allocation: the fit finds no fall of loss with model size N across these runs" in report
+    assert not re.search(r"\b(inf|nan)\b", report)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["isoloss_experts4.png", "loss_vs_compute.png"]
