@@ -112,6 +112,9 @@ def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fi
     fits: dict[int, tuple[ResultsTable, LossLaw]] = {}
     for experts, sub in groups.items():
         held = _exponents_for(len(sub), fixed)
+        if len(groups) > 1 and len(sub) <= free_parameters(False, held):  # e.g. an expert-count sweep at one N
+            lines += ["", f"experts = {experts} ({len(sub)} runs): too few for a fit of its own; in the joint fit only"]
+            continue
         with _naming_group(experts):
             fit = fit_loss_law(sub.n_active, sub.tokens, sub.val_loss, starts=starts, workers=workers, fixed=held)
         laws = bootstrap_laws(sub.n_active, sub.tokens, sub.val_loss, fit, **boot)
@@ -122,7 +125,7 @@ def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fi
         fits[experts] = (sub, fit.law)
         if out is not None:
             plots.append(plot_isoloss(sub, fit.law, _in(out, f"isoloss_experts{experts}.png"), budget, experts))
-    if out is not None:
+    if out is not None and fits:
         plots.append(plot_loss_vs_compute(fits, _in(out, "loss_vs_compute.png"), budget))
     if len(groups) > 1:
         lines += _joint_lines(table, {x: law for x, (_, law) in fits.items()}, budget, level, boot,
@@ -163,18 +166,36 @@ def _naming_group(experts: int):
 
 def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, level, boot, fixed) -> list[str]:
     fit: LawFit = fit_loss_law(table.n_active, table.tokens, table.val_loss, num_experts=table.num_experts,
-                               starts=joint_starts(per_count), fixed=fixed)
+                               starts=joint_starts(per_count) if per_count else _grid_with_gamma(), fixed=fixed)
     laws = bootstrap_laws(table.n_active, table.tokens, table.val_loss, fit, num_experts=table.num_experts, **boot)
     lines = ["", (f"Joint fit over expert counts X: L(N, D, X) = E + A/(N^alpha X^gamma) + B/D^beta "
                   f"({len(table)} runs, rms log-residual {_rms(fit.law, table):.4f})")]
     lines += _fixed_note(fixed, len(table), joint=True)
     lines += _law_lines(fit.law, laws, level, None, fixed)
     lines.append(_row("gamma", fit.law.gamma, [law.gamma for law in laws], level))
+    for experts in np.unique(table.num_experts).tolist():
+        lines.append(_multiplier_row(fit.law, laws, experts, level))
     if budget:
-        for experts in per_count:
+        for experts in np.unique(table.num_experts).tolist():
             runs = table.select(table.num_experts == experts)
             lines.append(f"  X = {experts}: " + _allocation_text(fit.law, laws, budget, level, runs, experts))
     return lines
+
+
+def _multiplier_row(law: LossLaw, laws: list[LossLaw], experts: int, level: float) -> str:
+    """A / (N^alpha X^gamma) = A / (N X^(gamma/alpha))^alpha: X experts act like X^(gamma/alpha) times the
+    active parameters of a dense model (Clark et al. 2022's effective parameter count)."""
+    def multiplier(s: LossLaw) -> float:
+        return experts ** (s.gamma / s.alpha)
+
+    return (_row(f"X={experts}", multiplier(law), [multiplier(s) for s in laws], level)
+            + "   (effective-parameter multiplier X^(gamma/alpha) against dense)")
+
+
+def _grid_with_gamma() -> np.ndarray:
+    """Joint-fit starts when no expert count had runs enough for its own fit: the coarse grid, gamma = 0."""
+    starts = grid_starts("coarse")
+    return np.hstack([starts, np.zeros((len(starts), 1))])
 
 
 def _skipped_lines(skipped: list[tuple[float, str]], shown: int = 6) -> list[str]:

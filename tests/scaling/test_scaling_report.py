@@ -114,3 +114,27 @@ def test_runs_where_loss_rises_with_size_get_a_one_line_no_allocation(tmp_path):
     assert "at C = 1e+12: no allocation: the fit finds no fall of loss with model size N across these runs" in report
     assert not re.search(r"\b(inf|nan)\b", report)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["isoloss_experts4.png", "loss_vs_compute.png"]
+
+
+def test_expert_count_sweep_at_one_size_enters_the_joint_fit_and_gives_the_multiplier(tmp_path):
+    """An isoFLOP grid at 8 experts plus 1, 4 and 16 experts at one size (too few runs for fits of their own):
+    the joint fit recovers gamma and prints the effective-parameter multiplier X^(gamma/alpha)."""
+    law = LossLaw(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28, gamma=0.05)
+    path = tmp_path / "experts.jsonl"
+    for budget in (1e17, 1e18, 1e19):
+        center = compute_optimal(law, budget, 8).n_opt
+        for n in center * np.geomspace(0.3, 3, 5):
+            append_run(path, Run(f"e8-{budget:.0e}-{n:.3g}", 8, 8 * n, n, budget / (6 * n), budget,
+                                 float(law(n, budget / (6 * n), 8))))
+    for experts in (1, 4, 16):
+        for budget in (1e18, 1e19):
+            n = compute_optimal(law, 1e18, 8).n_opt
+            append_run(path, Run(f"e{experts}-{budget:.0e}", experts, experts * n, n, budget / (6 * n), budget,
+                                 float(law(n, budget / (6 * n), experts))))
+    report = run_fit(path, bootstrap=4, grid="coarse", workers=1, progress=False)
+    for experts in (1, 4, 16):
+        assert f"experts = {experts} (2 runs): too few for a fit of its own; in the joint fit only" in report
+    assert _value(report, "Joint fit", "gamma") == pytest.approx(0.05, abs=2e-3)
+    for experts in (1, 4, 8, 16):
+        multiplier = _value(report, "Joint fit", f"X={experts}")
+        assert multiplier == pytest.approx(experts ** (0.05 / 0.34), rel=0.02)
