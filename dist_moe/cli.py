@@ -168,7 +168,7 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
 def cmd_scaling_check(args: argparse.Namespace) -> int:
     from dist_moe.scaling.predict import check
 
-    record, text = check(args.prediction, args.results)
+    record, text = check(args.prediction, args.results, args.plot)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(text + f"\nwritten to {args.out}")
     return 0
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("prediction", help="JSON written by `scaling predict --sweep`")
     check.add_argument("results", help="the held-out sweep's results table")
     check.add_argument("--out", required=True, help="measured-versus-predicted JSON to write")
+    check.add_argument("--plot", default=None, help="PNG of the fitted isoFLOP curves with the held-out runs")
     check.set_defaults(fn=cmd_scaling_check)
 
     analyze = sub.add_parser("analyze", help="expert-load report of a run (from its TensorBoard events)",

@@ -122,3 +122,32 @@ def plot_isoflop(table: ResultsTable, fit: IsoFlopFit, path: Path) -> Path:
     right.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+def plot_heldout(table: ResultsTable, law: LossLaw, heldout: list[dict], budget: float, path: Path) -> Path:
+    """The fitted law's isoFLOP curves L(N, C/6N) at the swept budgets and at the held-out `budget`, the runs it
+    was fitted on, and the held-out runs (dicts with n_active, val_loss, predicted_loss, interval) with their
+    predictions and intervals."""
+    fig, (ax,) = _figure()
+    budgets = sorted({float(c) for c in table.flops}) + [budget]
+    scale = ScalarMappable(LogNorm(min(budgets), max(budgets)), colormaps["plasma"])
+    n = _span(np.concatenate([table.n_active, [r["n_active"] for r in heldout]]), pad=1.5)
+    for c in budgets:
+        ax.plot(n, law(n, c / (6 * n)), color=scale.to_rgba(c), lw=2.0 if c == budget else 1.0,
+                ls="--" if c == budget else "-")
+    ax.scatter(table.n_active, table.val_loss, s=14, c=[scale.to_rgba(c) for c in table.flops], label="fitted runs")
+    n_held = np.array([r["n_active"] for r in heldout])
+    predicted = np.array([r["predicted_loss"] for r in heldout])
+    spread = np.abs(np.array([r["interval"] for r in heldout]).T - predicted)
+    ax.errorbar(n_held, predicted, yerr=spread, fmt="o", mfc="none", color="black", capsize=3,
+                label=f"predicted at C = {budget:.3g} (interval)")
+    ax.plot(n_held, [r["val_loss"] for r in heldout], "*", ms=12, color="red", label="measured (held out)")
+    best = compute_optimal(law, budget)
+    ax.axvline(best.n_opt, ls=":", color="gray", lw=0.8, label=f"predicted N_opt = {best.n_opt:.3g}")
+    fig.colorbar(scale, ax=ax, label="training FLOPs C (dashed: held out)")
+    ax.set(xscale="log", xlabel="parameters N (active)", ylabel="final validation loss",
+           title="Fitted isoFLOP curves and the held-out budget")
+    _plain_loss_ticks(ax.yaxis)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120)
+    return Path(path)

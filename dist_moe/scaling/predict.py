@@ -88,8 +88,9 @@ def _planned(sweep_path, law: LossLaw, laws: list[LossLaw], level: float) -> lis
     return rows
 
 
-def check(prediction_path: str | Path, results_path: str | Path) -> tuple[dict, str]:
-    """Measured losses of the predicted runs beside their predictions: (record to write, text to print)."""
+def check(prediction_path: str | Path, results_path: str | Path, plot: str | Path | None = None) -> tuple[dict, str]:
+    """Measured losses of the predicted runs beside their predictions: (record to write, text to print).
+    With `plot`, draws the fitted isoFLOP curves, the fitted runs and the held-out ones there."""
     prediction = json.loads(Path(prediction_path).read_text())
     if "runs" not in prediction:
         raise ScalingDataError(f"{prediction_path}: no 'runs' (predict it with --sweep)")
@@ -113,4 +114,10 @@ def check(prediction_path: str | Path, results_path: str | Path) -> tuple[dict, 
     lines.append(f"  lowest predicted: {predicted_best}; lowest measured: {measured_best}")
     record = {"prediction": str(prediction_path), "results": str(results_path), "runs": rows,
               "lowest_predicted": predicted_best, "lowest_measured": measured_best}
+    if plot is not None:
+        from dist_moe.scaling.plots import plot_heldout
+
+        plot_heldout(read_results(prediction["results"]), LossLaw(**prediction["law"]), rows,
+                     prediction["budget_flops"], Path(plot))
+        lines.append(f"  plot: {plot}")
     return record, "\n".join(lines)

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from matplotlib.image import imread
 
 from dist_moe.scaling.allocation import compute_optimal
 from dist_moe.scaling.fit import LossLaw
@@ -27,7 +28,7 @@ def table(tmp_path):
     return path
 
 
-def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table):
+def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table, tmp_path):
     record = predict(table, 8e11, bootstrap_resamples=20, grid="coarse")
     truth = compute_optimal(TRUTH, 8e11)
     assert record["budget_flops"] == 8e11 and record["num_runs"] == 15 and record["num_experts"] == 8
@@ -37,7 +38,21 @@ def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table):
     assert record["tokens"] * record["n_active"] * 6 == pytest.approx(8e11, rel=1e-9)
     assert record["approach2"]["budgets_used"] == 3
     assert record["approach2"]["n_active"] == pytest.approx(truth.n_opt, rel=0.5)
-    json.dumps(record)  # the CLI writes it as JSON
+    # held-out runs measured exactly as the truth has them: inside the intervals, the optimum lowest, a real plot
+    record["runs"] = []
+    measured = tmp_path / "measured.jsonl"
+    for scale in (0.5, 1.0, 2.0):
+        n = truth.n_opt * scale
+        d = 8e11 / (6 * n)
+        predicted = LossLaw(**record["law"])(n, d)
+        record["runs"].append({"name": f"x{scale}", "n_active": n, "tokens": d, "predicted_loss": predicted,
+                               "interval": [predicted * 0.99, predicted * 1.01]})
+        append_run(measured, Run(f"x{scale}", 8, 4 * n, n, d, 8e11, float(TRUTH(n, d))))
+    (tmp_path / "prediction.json").write_text(json.dumps(record))
+    result, _ = check(tmp_path / "prediction.json", measured, plot=tmp_path / "heldout.png")
+    assert all(r["inside_interval"] and abs(r["relative_error"]) < 0.01 for r in result["runs"])
+    assert result["lowest_predicted"] == result["lowest_measured"] == "x1.0"
+    assert imread(tmp_path / "heldout.png").shape[2] == 4
 
 
 def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):
