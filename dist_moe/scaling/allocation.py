@@ -45,19 +45,20 @@ def no_optimum_reason(law: LossLaw, n=None, d=None, num_experts=1.0) -> str | No
     """Why `law` has no meaningful compute-optimal allocation, or None. With the runs' n, d (arrays), a law
     whose parameter or data term is negligible at every run is refused too: it found no trade-off to solve."""
     law = law.for_experts(num_experts)
-    values = (law.A, law.B, law.E, law.alpha, law.beta)
-    if not all(np.isfinite(values)) or min(law.A, law.B, law.alpha, law.beta) <= 0:
+    usable = (all(np.isfinite((law.A, law.B, law.E, law.alpha, law.beta))) and min(law.alpha, law.beta) > 0
+              and min(law.A, law.B) >= 0)
+    if usable and n is not None:
+        n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
+        fitted = law(n, d)
+        for share, axis, term in ((law.A / n ** law.alpha / fitted, "model size N", "A/N^alpha"),
+                                  (law.B / d ** law.beta / fitted, "tokens D", "B/D^beta")):
+            if share.max() < NEGLIGIBLE_SHARE:
+                return (f"the fit puts no weight on {axis} (its term {term} is under {NEGLIGIBLE_SHARE:.1%} of the "
+                        f"loss at every run), so it has no compute-optimal allocation; more runs, further apart "
+                        f"in {axis.split()[-1]} or longer, would show one")
+    if not usable or min(law.A, law.B) <= 0:
         return (f"the fit has no compute-optimal allocation (A={law.A:.3g}, B={law.B:.3g}, alpha={law.alpha:.3g}, "
                 f"beta={law.beta:.3g}; it needs all four positive and finite)")
-    if n is None:
-        return None
-    n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
-    fitted = law(n, d)
-    for share, axis in ((law.A / n ** law.alpha / fitted, "model size N"), (law.B / d ** law.beta / fitted, "tokens D")):
-        if share.max() < NEGLIGIBLE_SHARE:
-            return (f"the fit finds no fall of loss with {axis} across these runs (that term is under "
-                    f"{NEGLIGIBLE_SHARE:.1%} of the loss at every run), so it has no compute-optimal allocation; "
-                    f"runs further apart in {axis.split()[-1]} or longer runs would show one")
     return None
 
 
