@@ -23,6 +23,12 @@ def _interval(values, level: float) -> list[float]:
     return [round(v, 6) for v in percentile_interval(values, level)]
 
 
+def _prediction_interval(values, residuals: np.ndarray, level: float) -> list[float]:
+    """Where a new run's loss should fall: each resampled law's prediction times each fitted run's residual
+    factor exp(log L - log L_hat), so the fit's uncertainty and the runs' scatter about it both count."""
+    return _interval(np.outer(values, np.exp(residuals)).ravel(), level)
+
+
 def _one_expert_count(table: ResultsTable, path) -> ResultsTable:
     if len(np.unique(table.num_experts)) != 1:
         raise ScalingDataError(f"{path}: predict fits one expert count; the table holds "
@@ -34,7 +40,8 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
             bootstrap_resamples: int = 100, level: float = 0.95, grid: str = "paper", seed: int = 0) -> dict:
     """The prediction record: fitted law, optimum at `budget` (Approach 3 and 2), and each planned run's loss.
 
-    Intervals are bootstrap percentiles over resampled runs: the fit's uncertainty, not a run's seed noise.
+    `interval` is a prediction interval for one new run (the resampled laws' predictions times the fitted
+    runs' residual factors); `fit_interval` the bootstrap percentiles of the law's prediction alone.
     """
     table = _one_expert_count(read_results(results_path), results_path)
     fit = fit_loss_law(table.n_active, table.tokens, table.val_loss, starts=grid_starts(grid),
@@ -46,7 +53,7 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
                      progress=False)
     laws = [law for law in laws if not no_optimum_reason(law, table.n_active, table.tokens)]
     best, samples = compute_optimal(fit.law, budget), [compute_optimal(law, budget) for law in laws]
-    residual = np.log(fit.law(table.n_active, table.tokens)) - np.log(table.val_loss)
+    residual = np.log(table.val_loss) - np.log(fit.law(table.n_active, table.tokens))
     record = {
         "results": str(results_path), "num_runs": len(table), "num_experts": int(table.num_experts[0]),
         "level": level, "bootstrap_resamples": len(laws),
@@ -56,11 +63,12 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
         "budget_flops": budget,
         "n_active": float(best.n_opt), "n_active_interval": _interval([s.n_opt for s in samples], level),
         "tokens": float(best.d_opt), "tokens_interval": _interval([s.d_opt for s in samples], level),
-        "predicted_loss": float(best.loss), "interval": _interval([s.loss for s in samples], level),
+        "predicted_loss": float(best.loss), "interval": _prediction_interval([s.loss for s in samples], residual, level),
+        "fit_interval": _interval([s.loss for s in samples], level),
         "approach2": _approach2(table, budget, bootstrap_resamples, level, seed),
     }
     if sweep_path is not None:
-        record["runs"] = _planned(sweep_path, fit.law, laws, level)
+        record["runs"] = _planned(sweep_path, fit.law, laws, residual, level)
     return record
 
 
@@ -75,7 +83,7 @@ def _approach2(table: ResultsTable, budget: float, resamples: int, level: float,
             "tokens": float(best.d_opt), "tokens_interval": _interval([f.d_opt(budget) for f in fits], level)}
 
 
-def _planned(sweep_path, law: LossLaw, laws: list[LossLaw], level: float) -> list[dict]:
+def _planned(sweep_path, law: LossLaw, laws: list[LossLaw], residual: np.ndarray, level: float) -> list[dict]:
     """Each run the sweep file plans, at its own N_active and token count (whole steps), with its prediction."""
     from dist_moe.scaling.sweep import load_sweep, plan
 
@@ -84,7 +92,8 @@ def _planned(sweep_path, law: LossLaw, laws: list[LossLaw], level: float) -> lis
         rows.append({"name": run.name, "n_active": run.n_active, "tokens": run.tokens,
                      "flops": 6.0 * run.n_active * run.tokens,
                      "predicted_loss": float(law(run.n_active, run.tokens)),
-                     "interval": _interval([s(run.n_active, run.tokens) for s in laws], level)})
+                     "interval": _prediction_interval([s(run.n_active, run.tokens) for s in laws], residual, level),
+                     "fit_interval": _interval([s(run.n_active, run.tokens) for s in laws], level)})
     return rows
 
 

@@ -34,6 +34,10 @@ def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table, tmp_pat
     assert record["budget_flops"] == 8e11 and record["num_runs"] == 15 and record["num_experts"] == 8
     assert record["predicted_loss"] == pytest.approx(truth.loss, rel=0.01)
     assert record["interval"][0] <= record["predicted_loss"] <= record["interval"][1]
+    # the prediction interval adds the runs' 0.2% scatter to the fit's own uncertainty
+    assert record["rms_log_residual"] == pytest.approx(0.002, rel=0.5)
+    assert record["interval"][0] < record["fit_interval"][0] and record["fit_interval"][1] < record["interval"][1]
+    assert record["interval"][1] / record["interval"][0] - 1 > 2 * 1.5 * 0.002
     assert record["n_active"] == pytest.approx(truth.n_opt, rel=0.5)  # the optimum is flat: N is loosely fixed
     assert record["tokens"] * record["n_active"] * 6 == pytest.approx(8e11, rel=1e-9)
     assert record["approach2"]["budgets_used"] == 3
