@@ -49,9 +49,11 @@ def no_optimum_reason(law: LossLaw, n=None, d=None, num_experts=1.0) -> str | No
               and min(law.A, law.B) >= 0)
     if usable and n is not None:
         n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
-        fitted = law(n, d)
-        for share, axis, term in ((law.A / n ** law.alpha / fitted, "model size N", "A/N^alpha"),
-                                  (law.B / d ** law.beta / fitted, "tokens D", "B/D^beta")):
+        with np.errstate(all="ignore"):  # a resampled law may have exponents far out (N^alpha = inf is fine here)
+            fitted = law(n, d)
+            shares = ((law.A / n ** law.alpha / fitted, "model size N", "A/N^alpha"),
+                      (law.B / d ** law.beta / fitted, "tokens D", "B/D^beta"))
+        for share, axis, term in shares:
             if share.max() < NEGLIGIBLE_SHARE:
                 return (f"the fit puts no weight on {axis} (its term {term} is under {NEGLIGIBLE_SHARE:.1%} of the "
                         f"loss at every run), so it has no compute-optimal allocation; more runs, further apart "

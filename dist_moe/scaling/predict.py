@@ -73,8 +73,11 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
 
 
 def _approach2(table: ResultsTable, budget: float, resamples: int, level: float, seed: int) -> dict:
-    """Approach 2's N_opt, D_opt at `budget` (no loss: it fits no loss surface)."""
-    iso = fit_isoflop(table.n_active, table.tokens, table.val_loss, table.flops)
+    """Approach 2's N_opt, D_opt at `budget` (no loss: it fits no loss surface), or why it has none."""
+    try:
+        iso = fit_isoflop(table.n_active, table.tokens, table.val_loss, table.flops)
+    except ScalingDataError as exc:  # e.g. every budget's minimum lies outside the swept sizes
+        return {"error": str(exc)}
     fits = bootstrap_isoflop(table.n_active, table.tokens, table.val_loss, table.flops, resamples, seed=seed,
                              progress=False)
     best = isoflop_allocation(iso, budget)
