@@ -109,9 +109,13 @@ def check(prediction_path: str | Path, results_path: str | Path, plot: str | Pat
     table = read_results(results_path)
     measured = dict(zip(table.name, table.val_loss))
     rows, lines = [], [f"held-out runs of {prediction_path} measured in {results_path}:"]
+    missing = [run["name"] for run in prediction["runs"] if run["name"] not in measured]
+    if len(missing) == len(prediction["runs"]):
+        raise ScalingDataError(f"{results_path}: none of the prediction's runs ({', '.join(missing)}) is in the table")
     for run in prediction["runs"]:
-        if run["name"] not in measured:
-            raise ScalingDataError(f"{results_path}: run '{run['name']}' of the prediction is not in the table")
+        if run["name"] in missing:
+            lines.append(f"  {run['name']:<16} not measured (not in {results_path})")
+            continue
         loss = float(measured[run["name"]])
         error = loss / run["predicted_loss"] - 1.0
         inside = run["interval"][0] <= loss <= run["interval"][1]
@@ -123,9 +127,10 @@ def check(prediction_path: str | Path, results_path: str | Path, plot: str | Pat
                      f"error {error:+.2%}{'' if inside else ' (outside)'}")
     predicted_best = min(rows, key=lambda r: r["predicted_loss"])["name"]
     measured_best = min(rows, key=lambda r: r["val_loss"])["name"]
-    lines.append(f"  lowest predicted: {predicted_best}; lowest measured: {measured_best}")
+    lines.append(f"  lowest predicted: {predicted_best}; lowest measured: {measured_best}"
+                 + (f" (among the {len(rows)} measured)" if missing else ""))
     record = {"prediction": str(prediction_path), "results": str(results_path), "runs": rows,
-              "lowest_predicted": predicted_best, "lowest_measured": measured_best}
+              "not_measured": missing, "lowest_predicted": predicted_best, "lowest_measured": measured_best}
     if plot is not None:
         from dist_moe.scaling.plots import plot_heldout
 

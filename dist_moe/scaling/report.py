@@ -138,8 +138,11 @@ def _approach2(groups, budget, level, boot, out, plots) -> list[str]:
     lines = ["", ("Approach 2: per compute budget, a parabola of loss in log N (and log D); "
                   "N_opt = G C^a, D_opt = H C^b by least squares in log space")]
     for experts, sub in groups.items():
-        with _naming_group(experts):
+        try:
             iso = fit_isoflop(sub.n_active, sub.tokens, sub.val_loss, sub.flops)
+        except ScalingDataError as exc:  # e.g. every budget's best run is the smallest size: say so, go on
+            lines += ["", f"experts = {experts}: no Approach 2 fit: {exc}"]
+            continue
         fits = bootstrap_isoflop(sub.n_active, sub.tokens, sub.val_loss, sub.flops, **boot)
         lines += ["", f"experts = {experts}: {len(iso.profiles)} budgets used"]
         lines += _skipped_lines(iso.skipped)

@@ -75,5 +75,10 @@ def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):
     assert "(outside)" in text
     measured.unlink()
     append_run(measured, Run("a", 8, 20, 10, 100, 6000, 2.2))
-    with pytest.raises(ScalingDataError, match="run 'b' of the prediction is not in the table"):
+    record, text = check(pred_path, measured)  # a run not (yet) measured is listed, the others compared
+    assert record["not_measured"] == ["b"] and [r["name"] for r in record["runs"]] == ["a"]
+    assert "b                not measured" in text
+    measured.unlink()
+    append_run(measured, Run("c", 8, 20, 10, 100, 6000, 2.2))
+    with pytest.raises(ScalingDataError, match="none of the prediction's runs"):
         check(pred_path, measured)
