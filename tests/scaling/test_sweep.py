@@ -82,3 +82,18 @@ def test_sweep_file_errors_are_one_line(tmp_path):
     bad = write_sweep(tmp_path, overrides=["moe.top_k=9"])
     with pytest.raises(ConfigError, match="'moe.top_k'"):
         plan(load_sweep(bad))
+
+
+def test_a_run_stopped_early_is_a_failure_not_a_row(tmp_path, monkeypatch):
+    """A signal makes `dist-moe train` save, write summary.json with completed=false and exit 0; its loss is
+    not the planned run's, so the sweep must not record it (it once did, for a run stopped at step 1)."""
+    from dist_moe.scaling import sweep as sweep_module
+
+    def stopped(cmd, **kwargs):
+        (tmp_path / "summary.json").write_text(json.dumps({"step": 1, "max_steps": 8347, "completed": False,
+                                                           "tokens": 512, "val_loss": 6.2}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", stopped)
+    assert sweep_module._train(["tiny"], str(tmp_path)) == {
+        "error": "stopped at step 1 of 8347, not recorded (running the sweep again resumes it)"}
