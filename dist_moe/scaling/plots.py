@@ -145,7 +145,9 @@ def plot_heldout(table: ResultsTable, law: LossLaw, heldout: list[dict], budget:
     best = compute_optimal(law, budget)
     ax.axvline(best.n_opt, ls=":", color="gray", lw=0.8, label=f"predicted N_opt = {best.n_opt:.3g}")
     fig.colorbar(scale, ax=ax, label="training FLOPs C (dashed: held out)")
-    ax.set(xscale="log", xlabel="parameters N (active)", ylabel="final validation loss",
+    shown = np.concatenate([table.val_loss, [r["val_loss"] for r in heldout], predicted])
+    ax.set(xscale="log", yscale="log", xlabel="parameters N (active)", ylabel="final validation loss",
+           ylim=(shown.min() * 0.9, shown.max() * 1.1),  # a law with a wall in N would squash everything else
            title="Fitted isoFLOP curves and the held-out budget")
     _plain_loss_ticks(ax.yaxis)
     ax.legend(fontsize=8)
