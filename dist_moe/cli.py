@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -188,6 +189,30 @@ def _exponent_pair(text: str) -> tuple[float, float]:
     return alpha, beta
 
 
+def cmd_scaling_predict(args: argparse.Namespace) -> int:
+    from dist_moe.scaling.predict import predict
+
+    record = predict(args.results, args.budget, args.sweep, bootstrap_resamples=args.bootstrap, grid=args.grid)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"at C = {args.budget:.3g}: N_opt {record['n_active']:.4g} {record['n_active_interval']}, D_opt "
+          f"{record['tokens']:.4g}, predicted loss {record['predicted_loss']:.4f} {record['interval']}; "
+          f"Approach 2: {record['approach2'].get('n_active', record['approach2'].get('error'))}; written to {args.out}")
+    for run in record.get("runs", []):
+        print(f"  {run['name']}: N {run['n_active']:,} D {run['tokens']:,} predicted loss "
+              f"{run['predicted_loss']:.4f} {run['interval']}")
+    return 0
+
+
+def cmd_scaling_check(args: argparse.Namespace) -> int:
+    from dist_moe.scaling.predict import check
+
+    record, text = check(args.prediction, args.results, args.plot)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(text + f"\nwritten to {args.out}")
+    return 0
+
+
 def cmd_scaling_sweep(args: argparse.Namespace) -> int:
     from dist_moe.scaling.sweep import run_sweep
 
@@ -332,6 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hold alpha and beta fixed in Approach 3 (default: fitted; Epoch's 0.3473,0.3672 "
                           "when there are too few runs for all five parameters)")
     fit.set_defaults(fn=cmd_scaling_fit)
+    predict = scaling_sub.add_parser("predict", help="fit a results table and write its prediction for runs it "
+                                     "has not seen (commit it before running them)", parents=[common])
+    predict.add_argument("results", help="results table to fit (one expert count)")
+    predict.add_argument("--budget", type=float, required=True, help="FLOPs to predict the optimum at")
+    predict.add_argument("--sweep", default=None, help="held-out sweep YAML: predict each run it plans")
+    predict.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals")
+    predict.add_argument("--grid", default="paper", choices=("paper", "coarse"), help="L-BFGS initialisations")
+    predict.add_argument("--out", required=True, help="prediction JSON to write")
+    predict.set_defaults(fn=cmd_scaling_predict)
+    check = scaling_sub.add_parser("check", help="compare a held-out sweep's losses with a prediction JSON",
+                                   parents=[common])
+    check.add_argument("prediction", help="JSON written by `scaling predict --sweep`")
+    check.add_argument("results", help="the held-out sweep's results table")
+    check.add_argument("--out", required=True, help="measured-versus-predicted JSON to write")
+    check.add_argument("--plot", default=None, help="PNG of the fitted isoFLOP curves with the held-out runs")
+    check.set_defaults(fn=cmd_scaling_check)
 
     analyze = sub.add_parser("analyze", help="expert-load report of a run (from its TensorBoard events)",
                              parents=[common])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, optimal_exponents
+from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_optimum_reason, optimal_exponents
 from dist_moe.scaling.fit import (
     EPOCH_EXPONENTS,
     LawFit,
@@ -112,17 +112,20 @@ def _approach3(table, groups, budget, grid, workers, level, boot, out, plots, fi
     fits: dict[int, tuple[ResultsTable, LossLaw]] = {}
     for experts, sub in groups.items():
         held = _exponents_for(len(sub), fixed)
+        if len(groups) > 1 and len(sub) <= free_parameters(False, held):  # e.g. an expert-count sweep at one N
+            lines += ["", f"experts = {experts} ({len(sub)} runs): too few for a fit of its own; in the joint fit only"]
+            continue
         with _naming_group(experts):
             fit = fit_loss_law(sub.n_active, sub.tokens, sub.val_loss, starts=starts, workers=workers, fixed=held)
         laws = bootstrap_laws(sub.n_active, sub.tokens, sub.val_loss, fit, **boot)
         lines += ["", (f"experts = {experts} ({len(sub)} runs, N {_range(sub.n_active)}, D {_range(sub.tokens)}, "
                        f"rms log-residual {_rms(fit.law, sub):.4f})")]
         lines += _fixed_note(held, len(sub))
-        lines += _law_lines(fit.law, laws, level, budget, held)
+        lines += _law_lines(fit.law, laws, level, budget, held, sub)
         fits[experts] = (sub, fit.law)
         if out is not None:
             plots.append(plot_isoloss(sub, fit.law, _in(out, f"isoloss_experts{experts}.png"), budget, experts))
-    if out is not None:
+    if out is not None and fits:
         plots.append(plot_loss_vs_compute(fits, _in(out, "loss_vs_compute.png"), budget))
     if len(groups) > 1:
         lines += _joint_lines(table, {x: law for x, (_, law) in fits.items()}, budget, level, boot,
@@ -135,8 +138,11 @@ def _approach2(groups, budget, level, boot, out, plots) -> list[str]:
     lines = ["", ("Approach 2: per compute budget, a parabola of loss in log N (and log D); "
                   "N_opt = G C^a, D_opt = H C^b by least squares in log space")]
     for experts, sub in groups.items():
-        with _naming_group(experts):
+        try:
             iso = fit_isoflop(sub.n_active, sub.tokens, sub.val_loss, sub.flops)
+        except ScalingDataError as exc:  # e.g. every budget's best run is the smallest size: say so, go on
+            lines += ["", f"experts = {experts}: no Approach 2 fit: {exc}"]
+            continue
         fits = bootstrap_isoflop(sub.n_active, sub.tokens, sub.val_loss, sub.flops, **boot)
         lines += ["", f"experts = {experts}: {len(iso.profiles)} budgets used"]
         lines += _skipped_lines(iso.skipped)
@@ -163,19 +169,36 @@ def _naming_group(experts: int):
 
 def _joint_lines(table: ResultsTable, per_count: dict[int, LossLaw], budget, level, boot, fixed) -> list[str]:
     fit: LawFit = fit_loss_law(table.n_active, table.tokens, table.val_loss, num_experts=table.num_experts,
-                               starts=joint_starts(per_count), fixed=fixed)
+                               starts=joint_starts(per_count) if per_count else _grid_with_gamma(), fixed=fixed)
     laws = bootstrap_laws(table.n_active, table.tokens, table.val_loss, fit, num_experts=table.num_experts, **boot)
     lines = ["", (f"Joint fit over expert counts X: L(N, D, X) = E + A/(N^alpha X^gamma) + B/D^beta "
                   f"({len(table)} runs, rms log-residual {_rms(fit.law, table):.4f})")]
     lines += _fixed_note(fixed, len(table), joint=True)
     lines += _law_lines(fit.law, laws, level, None, fixed)
     lines.append(_row("gamma", fit.law.gamma, [law.gamma for law in laws], level))
+    for experts in np.unique(table.num_experts).tolist():
+        lines.append(_multiplier_row(fit.law, laws, experts, level))
     if budget:
-        for experts in per_count:
-            best = compute_optimal(fit.law, budget, experts)
-            samples = [compute_optimal(law, budget, experts) for law in laws]
-            lines.append(f"  X = {experts}: " + _allocation_text(best, samples, level))
+        for experts in np.unique(table.num_experts).tolist():
+            runs = table.select(table.num_experts == experts)
+            lines.append(f"  X = {experts}: " + _allocation_text(fit.law, laws, budget, level, runs, experts))
     return lines
+
+
+def _multiplier_row(law: LossLaw, laws: list[LossLaw], experts: int, level: float) -> str:
+    """A / (N^alpha X^gamma) = A / (N X^(gamma/alpha))^alpha: X experts act like X^(gamma/alpha) times the
+    active parameters of a dense model (Clark et al. 2022's effective parameter count)."""
+    def multiplier(s: LossLaw) -> float:
+        return experts ** (s.gamma / s.alpha)
+
+    return (_row(f"X={experts}", multiplier(law), [multiplier(s) for s in laws], level)
+            + "   (effective-parameter multiplier X^(gamma/alpha) against dense)")
+
+
+def _grid_with_gamma() -> np.ndarray:
+    """Joint-fit starts when no expert count had runs enough for its own fit: the coarse grid, gamma = 0."""
+    starts = grid_starts("coarse")
+    return np.hstack([starts, np.zeros((len(starts), 1))])
 
 
 def _skipped_lines(skipped: list[tuple[float, str]], shown: int = 6) -> list[str]:
@@ -189,26 +212,36 @@ def _skipped_lines(skipped: list[tuple[float, str]], shown: int = 6) -> list[str
 
 
 def _law_lines(law: LossLaw, laws: list[LossLaw], level: float, budget: float | None,
-               fixed: dict[str, float] | None = None) -> list[str]:
+               fixed: dict[str, float] | None = None, runs: ResultsTable | None = None) -> list[str]:
     lines = [_row(k, getattr(law, k), [getattr(s, k) for s in laws], level) if k not in (fixed or {})
              else f"  {k:<6} {getattr(law, k):>11.4g}   (fixed)" for k in ("A", "B", "E", "alpha", "beta")]
     a, b = optimal_exponents(law)
     lines.append(_row("a", a, [optimal_exponents(s)[0] for s in laws], level) + "   (N_opt ~ C^a, a = beta/(alpha+beta))")
     lines.append(_row("b", b, [optimal_exponents(s)[1] for s in laws], level) + "   (D_opt ~ C^b)")
     if budget:
-        best = compute_optimal(law, budget)
-        lines.append("  " + _allocation_text(best, [compute_optimal(s, budget) for s in laws], level))
+        lines.append("  " + _allocation_text(law, laws, budget, level, runs))
     return lines
 
 
-def _allocation_text(best, samples, level: float) -> str:
+def _allocation_text(law: LossLaw, laws: list[LossLaw], budget: float, level: float, runs: ResultsTable,
+                     experts: float = 1.0) -> str:
+    """The optimum at `budget` with intervals over the resampled laws that have one; a fit that found no
+    trade-off between N and D (see no_optimum_reason) gets its reason instead."""
+    reason = no_optimum_reason(law, runs.n_active, runs.tokens, experts)
+    if reason:
+        return f"at C = {budget:.3g}: no allocation: {reason}"
+    best = compute_optimal(law, budget, experts)
+    samples = [compute_optimal(s, budget, experts) for s in laws
+               if not no_optimum_reason(s, runs.n_active, runs.tokens, experts)]
+    dropped = f" ({len(laws) - len(samples)} of {len(laws)} resamples had no optimum)" if len(samples) < len(laws) else ""
+
     def ci(values) -> str:
         return " [{:.3g}, {:.3g}]".format(*percentile_interval(values, level)) if samples else ""
 
     return (f"at C = {best.flops:.3g}: N_opt {best.n_opt:.3g}{ci([s.n_opt for s in samples])}, "
             f"D_opt {best.d_opt:.3g}{ci([s.d_opt for s in samples])}, "
             f"{best.tokens_per_param:.1f} tokens/param{ci([s.tokens_per_param for s in samples])}, "
-            f"predicted loss {best.loss:.4f}{ci([s.loss for s in samples])}")
+            f"predicted loss {best.loss:.4f}{ci([s.loss for s in samples])}{dropped}")
 
 
 def _row(name: str, value: float, samples: list[float], level: float) -> str:

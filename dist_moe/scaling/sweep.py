@@ -101,7 +101,11 @@ def _train(args: list[str], run_dir: str) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": (result.stderr.strip().splitlines() or ["exit code %d" % result.returncode])[-1]}
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    if not summary.get("completed", True):  # a signal stopped it early (it saved a checkpoint): not a sweep point
+        return {"error": f"stopped at step {summary['step']} of {summary['max_steps']}, not recorded "
+                         "(running the sweep again resumes it)"}
+    return summary
 
 
 def run_sweep(path: str | Path, show_progress: bool = True) -> int:

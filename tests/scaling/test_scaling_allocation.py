@@ -60,3 +60,18 @@ def test_allocation_is_vectorised_over_budgets():
     batch = compute_optimal(law, budgets)
     for i, flops in enumerate(budgets):
         assert batch.n_opt[i] == pytest.approx(compute_optimal(law, float(flops)).n_opt, rel=1e-12)
+
+
+def test_a_law_without_a_finite_optimum_is_refused_in_one_line():
+    """A fitted away (0, or so small that G underflows in linear space) has no optimum: a ScalingDataError
+    naming why, not a division by zero."""
+    from dist_moe.scaling.results import ScalingDataError
+
+    for A in (0.0, 1e-300):
+        law = LossLaw(A=A, B=900.0, E=1.5, alpha=0.3473, beta=0.3672)
+        with pytest.raises(ScalingDataError, match="compute-optimal"):
+            compute_optimal(law, 1e12)
+    # the same law far from underflow keeps the closed form: G computed in log space equals the linear one
+    law = LossLaw(A=1e-30, B=900.0, E=1.5, alpha=0.3473, beta=0.3672)
+    G = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    assert compute_optimal(law, 1e12).n_opt == pytest.approx(G * (1e12 / 6) ** optimal_exponents(law)[0], rel=1e-12)

@@ -1,6 +1,7 @@
 """run_fit: the printed numbers are the fits', the plots are real PNGs, user mistakes are one-line errors."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -99,3 +100,50 @@ def test_exclude_highest_drops_the_worst_runs_before_fitting(results):
     kept = table.select(np.isin(table.name, worst, invert=True)).by_experts()[8]
     direct = fit_loss_law(kept.n_active, kept.tokens, kept.val_loss, starts=grid_starts("coarse")).law
     assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)
+
+
+# (N, D, loss): four runs of test_sweep.py's sweep on a 2-core machine (8 and 16 steps), on which the held-exponent
+# fit drove A to exactly 0 (issue 36), and synthetic runs where the larger model is 3% behind (A ~ 1e-4)
+REAL_SHORT_RUNS = [(31968, 1024, 6.227743148803711), (31968, 2048, 5.9986042976379395),
+                   (94656, 1024, 6.179034233093262), (94656, 2048, 5.620265007019043)]
+LARGER_BEHIND = [(n, d, s * (1.5 + 900.0 / d ** 0.3672)) for n, s in ((2e5, 1.0), (6e5, 1.03)) for d in (1e5, 3e5)]
+
+
+@pytest.mark.parametrize("runs", [REAL_SHORT_RUNS, LARGER_BEHIND], ids=["real-short-runs", "larger-behind"])
+def test_a_fit_without_an_n_d_trade_off_gets_a_one_line_no_allocation(tmp_path, runs):
+    """Issue 36: the held-exponent fit puts A at ~0, so G was 0 and D_opt inf (a RuntimeWarning, then a
+    ValueError from the plot); the report must say why there is no optimum, draw its plots and print no inf."""
+    path = tmp_path / "short.jsonl"
+    for n, d, loss in runs:
+        append_run(path, Run(f"n{n:.0e}-d{d:.0e}", 4, 4 * n, n, d, 6 * n * d, loss))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        report = run_fit(path, budget=1e12, bootstrap=5, out_dir=tmp_path / "plots", grid="coarse", workers=1,
+                         progress=False)
+    assert "at C = 1e+12: no allocation: the fit puts no weight on model size N" in report
+    assert not re.search(r"\b(inf|nan)\b", report)
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["isoloss_experts4.png", "loss_vs_compute.png"]
+
+
+def test_expert_count_sweep_at_one_size_enters_the_joint_fit_and_gives_the_multiplier(tmp_path):
+    """An isoFLOP grid at 8 experts plus 1, 4 and 16 experts at one size (too few runs for fits of their own):
+    the joint fit recovers gamma and prints the effective-parameter multiplier X^(gamma/alpha)."""
+    law = LossLaw(A=406.4, B=410.7, E=1.69, alpha=0.34, beta=0.28, gamma=0.05)
+    path = tmp_path / "experts.jsonl"
+    for budget in (1e17, 1e18, 1e19):
+        center = compute_optimal(law, budget, 8).n_opt
+        for n in center * np.geomspace(0.3, 3, 5):
+            append_run(path, Run(f"e8-{budget:.0e}-{n:.3g}", 8, 8 * n, n, budget / (6 * n), budget,
+                                 float(law(n, budget / (6 * n), 8))))
+    for experts in (1, 4, 16):
+        for budget in (1e18, 1e19):
+            n = compute_optimal(law, 1e18, 8).n_opt
+            append_run(path, Run(f"e{experts}-{budget:.0e}", experts, experts * n, n, budget / (6 * n), budget,
+                                 float(law(n, budget / (6 * n), experts))))
+    report = run_fit(path, bootstrap=4, grid="coarse", workers=1, progress=False)
+    for experts in (1, 4, 16):
+        assert f"experts = {experts} (2 runs): too few for a fit of its own; in the joint fit only" in report
+    assert _value(report, "Joint fit", "gamma") == pytest.approx(0.05, abs=2e-3)
+    for experts in (1, 4, 8, 16):
+        multiplier = _value(report, "Joint fit", f"X={experts}")
+        assert multiplier == pytest.approx(experts ** (0.05 / 0.34), rel=0.02)

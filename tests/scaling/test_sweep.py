@@ -1,6 +1,7 @@
 """A real sweep: 4 tiny training runs as Ray tasks on a local cluster, one results row each; a re-run is a no-op."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -50,12 +51,17 @@ def test_sweep_of_four_real_runs_then_a_rerun_runs_nothing(tmp_path):
     second = sweep(path)
     assert second.returncode == 0 and "4 already in" in second.stdout and "0 to run" in second.stdout
     assert len(read_results(tmp_path / "results.jsonl")) == 4
-    # the README's next step: four runs are too few for five parameters, so the fit holds the exponents
+    # the README's next step: four runs are too few for five parameters, so the fit holds the exponents.
+    # Runs of 8 and 16 steps differ across machines (the stdlib corpus is the machine's Python, thread counts
+    # change the sums), and whether the larger model is ahead yet decides whether the fit has an optimum;
+    # either answer must be a clean report (the degenerate one is pinned by test_scaling_report.py).
     fit = subprocess.run([sys.executable, "-m", "dist_moe.cli", "scaling", "fit", str(tmp_path / "results.jsonl"),
                           "--budget", "1e12", "--bootstrap", "5", "--grid", "coarse"], capture_output=True, text=True,
                          timeout=600)
     assert fit.returncode == 0, fit.stderr[-2000:]
-    assert "held fixed at Epoch AI's Chinchilla estimates" in fit.stdout and "at C = 1e+12: N_opt" in fit.stdout
+    assert "held fixed at Epoch AI's Chinchilla estimates" in fit.stdout
+    assert "at C = 1e+12: N_opt" in fit.stdout or "at C = 1e+12: no allocation: the fit puts no weight on" in fit.stdout
+    assert "RuntimeWarning" not in fit.stderr and not re.search(r"\b(inf|nan)\b", fit.stdout), fit.stderr + fit.stdout
     assert sorted(p.name for p in (tmp_path / "results_plots").iterdir()) == ["isoloss_experts4.png",
                                                                                "loss_vs_compute.png"]
 
@@ -76,3 +82,18 @@ def test_sweep_file_errors_are_one_line(tmp_path):
     bad = write_sweep(tmp_path, overrides=["moe.top_k=9"])
     with pytest.raises(ConfigError, match="'moe.top_k'"):
         plan(load_sweep(bad))
+
+
+def test_a_run_stopped_early_is_a_failure_not_a_row(tmp_path, monkeypatch):
+    """A signal makes `dist-moe train` save, write summary.json with completed=false and exit 0; its loss is
+    not the planned run's, so the sweep must not record it (it once did, for a run stopped at step 1)."""
+    from dist_moe.scaling import sweep as sweep_module
+
+    def stopped(cmd, **kwargs):
+        (tmp_path / "summary.json").write_text(json.dumps({"step": 1, "max_steps": 8347, "completed": False,
+                                                           "tokens": 512, "val_loss": 6.2}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", stopped)
+    assert sweep_module._train(["tiny"], str(tmp_path)) == {
+        "error": "stopped at step 1 of 8347, not recorded (running the sweep again resumes it)"}

@@ -1,0 +1,84 @@
+"""predict/check: the prediction record is the true law's optimum on noiseless data; check compares runs by name."""
+
+import json
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from dist_moe.scaling.allocation import compute_optimal
+from dist_moe.scaling.fit import LossLaw
+from dist_moe.scaling.predict import check, predict
+from dist_moe.scaling.results import Run, ScalingDataError, append_run
+
+TRUTH = LossLaw(A=60.0, B=120.0, E=1.9, alpha=0.33, beta=0.30)
+
+
+@pytest.fixture
+def table(tmp_path):
+    """Three isoFLOP budgets x 5 sizes around the true optimum, the truth's losses with 0.2% noise."""
+    path = tmp_path / "results.jsonl"
+    rng = np.random.default_rng(0)
+    for budget in (5e10, 1e11, 2e11):
+        center = compute_optimal(TRUTH, budget).n_opt
+        for n in center * np.geomspace(0.25, 4, 5):
+            d = budget / (6 * n)
+            append_run(path, Run(f"n{n:.3g}-c{budget:.0e}", 8, 4 * n, n, d, budget,
+                                 float(TRUTH(n, d) * np.exp(rng.normal(0, 0.002)))))
+    return path
+
+
+def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table, tmp_path):
+    record = predict(table, 8e11, bootstrap_resamples=20, grid="coarse")
+    truth = compute_optimal(TRUTH, 8e11)
+    assert record["budget_flops"] == 8e11 and record["num_runs"] == 15 and record["num_experts"] == 8
+    assert record["predicted_loss"] == pytest.approx(truth.loss, rel=0.01)
+    assert record["interval"][0] <= record["predicted_loss"] <= record["interval"][1]
+    # the prediction interval adds the runs' 0.2% scatter to the fit's own uncertainty
+    assert record["rms_log_residual"] == pytest.approx(0.002, rel=0.5)
+    assert record["interval"][0] < record["fit_interval"][0] and record["fit_interval"][1] < record["interval"][1]
+    assert record["interval"][1] / record["interval"][0] - 1 > 2 * 1.5 * 0.002
+    assert record["n_active"] == pytest.approx(truth.n_opt, rel=0.5)  # the optimum is flat: N is loosely fixed
+    assert record["tokens"] * record["n_active"] * 6 == pytest.approx(8e11, rel=1e-9)
+    assert record["approach2"]["budgets_used"] == 3
+    assert record["approach2"]["n_active"] == pytest.approx(truth.n_opt, rel=0.5)
+    # held-out runs measured exactly as the truth has them: inside the intervals, the optimum lowest, a real plot
+    record["runs"] = []
+    measured = tmp_path / "measured.jsonl"
+    for scale in (0.5, 1.0, 2.0):
+        n = truth.n_opt * scale
+        d = 8e11 / (6 * n)
+        predicted = LossLaw(**record["law"])(n, d)
+        record["runs"].append({"name": f"x{scale}", "n_active": n, "tokens": d, "predicted_loss": predicted,
+                               "interval": [predicted * 0.99, predicted * 1.01]})
+        append_run(measured, Run(f"x{scale}", 8, 4 * n, n, d, 8e11, float(TRUTH(n, d))))
+    (tmp_path / "prediction.json").write_text(json.dumps(record))
+    result, _ = check(tmp_path / "prediction.json", measured, plot=tmp_path / "heldout.png")
+    assert all(r["inside_interval"] and abs(r["relative_error"]) < 0.01 for r in result["runs"])
+    assert result["lowest_predicted"] == result["lowest_measured"] == "x1.0"
+    assert imread(tmp_path / "heldout.png").shape[2] == 4
+
+
+def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):
+    prediction = {"runs": [{"name": "a", "n_active": 10, "tokens": 100, "predicted_loss": 2.0, "interval": [1.9, 2.1]},
+                           {"name": "b", "n_active": 20, "tokens": 50, "predicted_loss": 2.1, "interval": [2.0, 2.2]}]}
+    pred_path = tmp_path / "prediction.json"
+    pred_path.write_text(json.dumps(prediction))
+    measured = tmp_path / "measured.jsonl"
+    append_run(measured, Run("b", 8, 40, 20, 50, 6000, 2.0))
+    append_run(measured, Run("a", 8, 20, 10, 100, 6000, 2.2))
+    record, text = check(pred_path, measured)
+    a, b = record["runs"]
+    assert a["relative_error"] == pytest.approx(0.1) and not a["inside_interval"]
+    assert b["relative_error"] == pytest.approx(2.0 / 2.1 - 1) and b["inside_interval"]
+    assert record["lowest_predicted"] == "a" and record["lowest_measured"] == "b"
+    assert "(outside)" in text
+    measured.unlink()
+    append_run(measured, Run("a", 8, 20, 10, 100, 6000, 2.2))
+    record, text = check(pred_path, measured)  # a run not (yet) measured is listed, the others compared
+    assert record["not_measured"] == ["b"] and [r["name"] for r in record["runs"]] == ["a"]
+    assert "b                not measured" in text
+    measured.unlink()
+    append_run(measured, Run("c", 8, 20, 10, 100, 6000, 2.2))
+    with pytest.raises(ScalingDataError, match="none of the prediction's runs"):
+        check(pred_path, measured)
