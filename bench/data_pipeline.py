@@ -395,7 +395,7 @@ def table(rows: list[dict], meta: dict, args) -> str:
     lines = [f"# Data pipeline on CPU, {meta['date']}", "",
              f"Machine: {meta['machine']}, {meta['cpus']} cores; python {platform.python_version()}, ray {meta['ray']}, "
              f"sentencepiece {meta['sentencepiece']}, datasets {meta['datasets']}.",
-             f"Command: `{meta['command']}`", "",
+             "Commands:", *[f"- `{c}`" for c in dict.fromkeys(r["command"] for r in rows)], "",
              "The machine is shared (2 cores, other jobs running: see the load averages): every time is the best of "
              f"{args.repeats} back to back, and the ratios between rows of one section mean more than the MB/s. "
              "MB = 10^6 bytes of document text (UTF-8).", ""]
@@ -407,7 +407,7 @@ def table(rows: list[dict], meta: dict, args) -> str:
 
 
 def _markdown(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k != "section"]
+    keys = [k for k in rows[0] if k not in ("section", "command")]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
                      + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
@@ -418,6 +418,11 @@ def cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
+
+
+def _measured(row: dict, meta: dict) -> dict:
+    """A row of earlier results without the run metadata, but with the command that measured it."""
+    return {k: v for k, v in row.items() if k not in meta or k in ("command", "load_avg")}
 
 
 def main() -> None:
@@ -431,6 +436,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default="", help="keeps the timing corpus between runs (default: a temp dir)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     parser.add_argument("--name", default="data_pipeline", help="results file stem (a section run on its own)")
+    parser.add_argument("--report", nargs="+", default=[], metavar="JSONL",
+                        help="no runs: one report from the rows of earlier results (sections run apart)")
     parser.add_argument("--stage-driver", default="", help=argparse.SUPPRESS)  # the cluster section's driver
     args = parser.parse_args()
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="dmbench-work", dir="/tmp"))
@@ -445,9 +452,9 @@ def main() -> None:
 
     meta = run_meta(gpu="cpu", machine=cpu_model(), ray=ray.__version__, sentencepiece=sentencepiece.__version__,
                     datasets=datasets.__version__, cpus=str(os.cpu_count()), load_avg_start=load_average())
-    rows = []
-    for name in args.only.split(","):
-        rows += SECTIONS[name](args, work)
+    rows = [_measured(json.loads(line), meta) for path in args.report for line in Path(path).read_text().splitlines()]
+    for name in [] if args.report else args.only.split(","):
+        rows += [dict(r, command=meta["command"]) for r in SECTIONS[name](args, work)]
     write_results(args.out, args.name, meta, rows, table(rows, meta, args))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
