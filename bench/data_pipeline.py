@@ -454,7 +454,10 @@ def main() -> None:
                     datasets=datasets.__version__, cpus=str(os.cpu_count()), load_avg_start=load_average())
     rows = [_measured(json.loads(line), meta) for path in args.report for line in Path(path).read_text().splitlines()]
     for name in [] if args.report else args.only.split(","):
-        rows += [dict(r, command=meta["command"]) for r in SECTIONS[name](args, work)]
+        done = [dict(r, command=meta["command"]) for r in SECTIONS[name](args, work)]
+        with open(work / "rows.jsonl", "a") as f:  # each section's rows kept as it ends (for --report)
+            f.writelines(json.dumps(dict(meta, **r)) + "\n" for r in done)
+        rows += done
     write_results(args.out, args.name, meta, rows, table(rows, meta, args))
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
