@@ -398,7 +398,10 @@ def table(rows: list[dict], meta: dict, args) -> str:
              "Commands:", *[f"- `{c}`" for c in dict.fromkeys(r["command"] for r in rows)], "",
              "The machine is shared (2 cores, other jobs running: see the load averages): every time is the best of "
              f"{args.repeats} back to back, and the ratios between rows of one section mean more than the MB/s. "
-             "MB = 10^6 bytes of document text (UTF-8).", ""]
+             "MB = 10^6 bytes of document text (UTF-8). Ray stage times include starting the stage's actors "
+             "(each imports dist_moe and loads the tokenizer), as in `prepare`. rss: one run per size, peak RSS "
+             "= VmHWM from /proc/<pid>/status polled every 0.5 s over the whole process tree of the preparing "
+             "process (driver, raylet, Ray workers); MiB = 2^20 bytes.", ""]
     for name in SECTIONS:
         part = [r for r in rows if r["section"] == name]
         if part:
