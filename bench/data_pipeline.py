@@ -392,10 +392,13 @@ SECTIONS = {"tokenize": section_tokenize, "scaling": section_scaling, "rss": sec
 
 
 def table(rows: list[dict], meta: dict, args) -> str:
+    commands = list(dict.fromkeys(r["command"] for r in rows))
+    rows = [dict(r, run=commands.index(r["command"]) + 1) for r in rows]
     lines = [f"# Data pipeline on CPU, {meta['date']}", "",
              f"Machine: {meta['machine']}, {meta['cpus']} cores; python {platform.python_version()}, ray {meta['ray']}, "
              f"sentencepiece {meta['sentencepiece']}, datasets {meta['datasets']}.",
-             "Commands:", *[f"- `{c}`" for c in dict.fromkeys(r["command"] for r in rows)], "",
+             "Commands (a row's `run` numbers its command):",
+             *[f"{i}. `{c}`" for i, c in enumerate(commands, start=1)], "",
              "The machine is shared (2 cores, other jobs running: see the load averages): every time is the best of "
              f"{args.repeats} back to back, and the ratios between rows of one section mean more than the MB/s. "
              "MB = 10^6 bytes of document text (UTF-8). Ray stage times include starting the stage's actors "
@@ -410,7 +413,7 @@ def table(rows: list[dict], meta: dict, args) -> str:
 
 
 def _markdown(rows: list[dict]) -> str:
-    keys = [k for k in rows[0] if k not in ("section", "command")]
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("section", "command")]
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
                      + ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows])
