@@ -297,7 +297,8 @@ def stage_driver(args, work: Path) -> None:
 
 
 def section_rss(args, work: Path) -> list[dict]:
-    """`prepare` of --rss-gb GB of .jsonl.zst (files of 128 MB of text; the 4 GB corpus holds the 2 GB one),
+    """`prepare` of --rss-gb GB of .jsonl.zst (files of 128 MB of text, each file a source of weight 1; the 4 GB
+    corpus holds the 2 GB one),
     in a child process on a local Ray of 2 CPUs; peak RSS per process from /proc/<pid>/status VmHWM, polled
     every 0.5 s over the child's whole process tree (raylet, Ray workers), so no process's peak is missed
     unless it lives under 0.5 s. The corpus is deleted after."""
@@ -385,6 +386,7 @@ def _vm_hwm(pid: int) -> int:
     return 0
 
 
+# a section: (args, work dir) -> result rows, each with its "section"; `--only` picks them by name
 SECTIONS = {"tokenize": section_tokenize, "scaling": section_scaling, "rss": section_rss, "cluster": section_cluster}
 
 
@@ -395,8 +397,8 @@ def table(rows: list[dict], meta: dict, args) -> str:
     commands = list(dict.fromkeys(r["command"] for r in rows))
     rows = [dict(r, run=commands.index(r["command"]) + 1) for r in rows]
     lines = [f"# Data pipeline on CPU, {meta['date']}", "",
-             f"Machine: {meta['machine']}, {meta['cpus']} cores; python {platform.python_version()}, ray {meta['ray']}, "
-             f"sentencepiece {meta['sentencepiece']}, datasets {meta['datasets']}.",
+             f"Machine: {meta['machine']}, {meta['cpus']} cores; python {platform.python_version()}, "
+             f"ray {meta['ray']}, sentencepiece {meta['sentencepiece']}, datasets {meta['datasets']}.",
              "Commands (a row's `run` numbers its command):",
              *[f"{i}. `{c}`" for i, c in enumerate(commands, start=1)], "",
              "The machine is shared (2 cores, other jobs running: see the load averages): every time is the best of "
