@@ -298,8 +298,7 @@ def stage_driver(args, work: Path) -> None:
 
 def section_rss(args, work: Path) -> list[dict]:
     """`prepare` of --rss-gb GB of .jsonl.zst (files of 128 MB of text, each file a source of weight 1; the 4 GB
-    corpus holds the 2 GB one),
-    in a child process on a local Ray of 2 CPUs; peak RSS per process from /proc/<pid>/status VmHWM, polled
+    corpus holds the 2 GB one), in a child process on a local Ray of 2 CPUs; peak RSS per process from /proc/<pid>/status VmHWM, polled
     every 0.5 s over the child's whole process tree (raylet, Ray workers), so no process's peak is missed
     unless it lives under 0.5 s. The corpus is deleted after."""
     corpus = Path(tempfile.mkdtemp(prefix="dmbench-corpus", dir="/tmp"))
