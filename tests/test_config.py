@@ -1,3 +1,4 @@
+import shlex
 import subprocess
 from pathlib import Path
 import sys
@@ -178,7 +179,7 @@ def test_elastic_range_with_a_count_that_cannot_keep_the_global_batch_is_refused
 def test_every_train_line_of_the_readme_tour_is_a_valid_config():
     """The README's `dist-moe train ...` examples load and validate as written (docs that match the code)."""
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    lines = [line.split("#")[0].split()[2:] for line in readme.splitlines() if line.startswith("dist-moe train ")]
+    lines = [shlex.split(line, comments=True)[2:] for line in readme.splitlines() if line.startswith("dist-moe train ")]
     assert len(lines) >= 5, lines
     for args in lines:
         args = [a for a in args if a != "--help"]

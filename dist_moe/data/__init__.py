@@ -19,10 +19,9 @@ from dist_moe.config import DataConfig
 from dist_moe.data.corpus import DataError
 from dist_moe.data.manifest import LEGACY_KEY, Manifest, ShardEntry, SourceEntry, read_manifest
 from dist_moe.data.prepare import prepare
-from dist_moe.data.sampler import MixtureSampler
 from dist_moe.data.tokenizer import Tokenizer
 
-__all__ = ["DataError", "Manifest", "MixtureSampler", "PreparedData", "Tokenizer", "load_prepared", "prepare",
+__all__ = ["DataError", "Manifest", "PreparedData", "Tokenizer", "load_prepared", "prepare",
            "prepare_data", "read_manifest"]
 
 

@@ -88,9 +88,9 @@ def make_plan(data_cfg, tokenizer: Optional[Path] = None) -> Plan:
         listing.append([asdict(source), [[p.file.path, p.file.size, p.file.mtime_ns, p.start, p.end] for p in parts]])
         for group in _group_parts(parts, unit_bytes):
             units.append(WorkUnit(len(units), index, source.text_key, tuple(group)))
-    settings = {"vocab_size": data_cfg.vocab_size, "tokenizer_sample_mb": data_cfg.tokenizer_sample_mb,
-                "val_fraction": data_cfg.val_fraction, "dedup": bool(data_cfg.dedup), "shard_mb": data_cfg.shard_mb,
-                "max_corpus_mb": data_cfg.max_corpus_mb,
+    settings = {"vocab_size": int(data_cfg.vocab_size), "tokenizer_sample_mb": float(data_cfg.tokenizer_sample_mb),
+                "val_fraction": float(data_cfg.val_fraction), "dedup": bool(data_cfg.dedup),
+                "shard_mb": float(data_cfg.shard_mb), "max_corpus_mb": float(data_cfg.max_corpus_mb),  # 0 == 0.0
                 "tokenizer": file_sha256(Path(tokenizer)) if tokenizer else f"bpe-{TOKENIZER_FORMAT}"}
     key_text = json.dumps({"format": MANIFEST_FORMAT, "listing": listing, "settings": settings}, sort_keys=True)
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]

@@ -40,7 +40,8 @@ def run_stage(stage: type, kwargs: dict, units: list[WorkUnit], progress: Progre
     ray.data.DataContext.get_current().enable_progress_bars = False
     workers = max(1, min(len(units), int(ray.cluster_resources().get("CPU", 1))))
     dataset = ray.data.from_items([{"unit": u.to_json()} for u in units], override_num_blocks=len(units))
-    out = dataset.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=1, concurrency=workers, num_cpus=1)
+    out = dataset.map_batches(stage, fn_constructor_kwargs=kwargs, batch_size=1, num_cpus=1,
+                              compute=ray.data.ActorPoolStrategy(size=workers))
     by_index = {u.index: u for u in units}
     records = []
     for row in out.iter_rows():

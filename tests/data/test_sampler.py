@@ -5,7 +5,8 @@ import pytest
 import torch
 from prepared_fixture import counting, write_prepared
 
-from dist_moe.data import DataError, MixtureSampler
+from dist_moe.data import DataError
+from dist_moe.data.sampler import MixtureSampler
 
 # Source j's shard k holds tokens j*20000 + k*5000 + i: a window's first token names its source, shard, offset.
 def source(j, weight, shard_tokens=(3000, 1000), val=(600,)):
@@ -120,7 +121,7 @@ def test_loading_a_state_that_does_not_match_is_a_data_error(mix, key, value):
 def test_a_resume_on_other_weights_or_shards_or_from_before_mixtures_is_refused(tmp_path, mix):
     state = sampler(mix).state_dict()
     single_shard_era = {k: state[k] for k in ("seed", "step", "seq_len", "global_batch_size")}
-    with pytest.raises(DataError, match="sampler state: no 'mixture' .a checkpoint from before data mixtures"):
+    with pytest.raises(DataError, match="sampler state: no 'mixture' .a checkpoint from before data sources"):
         sampler(mix).load_state_dict(single_shard_era)
     reweighted = write_prepared(tmp_path / "w", {"web": source(0, 1.0), "code": source(1, 1.0), "held": source(2, 0.0)})
     with pytest.raises(DataError, match="mixture=.*other data sources, weights or shards"):
