@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ! python3 -c "import dist_moe" 2>/dev/null; then
+if ! python3 -c "import dist_moe, omegaconf, deepspeed" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
   ln -sfn ../configs dist_moe/presets
