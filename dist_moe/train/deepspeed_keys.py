@@ -4,9 +4,8 @@ DeepSpeed's `save_checkpoint` writes, for each MoE layer, every key containing "
 global expert, found by the regex `.deepspeed_moe.experts.deepspeed_experts.<local id>.`, and keeps the other
 keys in the dense model file (so no other key may contain "expert"). MoELayer keeps its experts stacked
 (`experts.w13` = [w1 | w3]: (E_local, D, 2F), laid out by model/moe/experts.py's stack_w13; `experts.w2`:
-(E_local, F, D)); these hooks save them as
-DeepSpeed's per-expert nn.Linear weights (out, in) and read them back, which is also what moe.impl=deepspeed
-saves: a checkpoint of either implementation loads into the other.
+(E_local, F, D)); these hooks save them as DeepSpeed's per-expert nn.Linear weights (out, in) and read them
+back, which is also what moe.impl=deepspeed saves: a checkpoint of either implementation loads into the other.
 """
 
 from __future__ import annotations
