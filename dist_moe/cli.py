@@ -242,10 +242,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from dist_moe.hf.export import export
+def export_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None, dtype: str = "fp32",
+               max_shard_bytes: int = 5 * 2**30) -> Path:
+    """`dist-moe export`: read run_dir's checkpoint (newest, or `step`) -> transformers' names -> out_dir."""
+    from dist_moe.hf import adapter, export
+    from dist_moe.hf.tokenizer import convert
+    from dist_moe.train.checkpoint_reader import read_model_state
 
-    out = export(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise config.ConfigError(f"run dir '{run_dir}' has no config.yaml (is it a dist-moe run dir?)")
+    export.check_target(out_dir, dtype)
+    cfg = config.from_yaml_file(run_dir / "config.yaml")
+    adapter.architecture(cfg)  # refuse before reading anything large
+    tokenizer = convert(run_dir / "tokenizer.model")
+    _, state = read_model_state(run_dir, step)
+    return export.write_folder(adapter.to_hf(state, cfg), cfg, tokenizer, run_dir / "tokenizer.model", out_dir,
+                               dtype, max_shard_bytes)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = export_run(args.run_dir, args.out_dir, step=args.step, dtype=args.dtype,
                  max_shard_bytes=int(args.max_shard_gb * 2**30))
     print(f"exported to {out} (load it with transformers' AutoModelForCausalLM / AutoTokenizer.from_pretrained)")
     return 0

@@ -120,3 +120,84 @@ def test_no_module_imports_another_modules_private_names():
             if isinstance(node, ast.ImportFrom) and node.level == 0 and unit_of_module(node.module or ""):
                 wrong += [f"{package_path(path)}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
     assert not wrong, wrong
+
+
+def module_of_file(path: Path) -> str:
+    """dist_moe/train/loop.py -> dist_moe.train.loop; kernels/moba.py -> dist_moe.kernels.moba."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] == "kernels":
+        parts = ["dist_moe", *parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def file_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports (every import statement, relative ones resolved)."""
+    modules = {module_of_file(path): path for path in source_files()}
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(syntax_tree(path)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1], *filter(None, [base])])
+                base = "dist_moe." + base if base.startswith("kernels") else base
+                names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            targets |= {name for name in names if name in modules and name != module}
+        graph[module] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def unit_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    units: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        unit = unit_of_module(module) or module
+        units.setdefault(unit, set()).update(unit_of_module(t) or t for t in targets)
+    return {unit: targets - {unit} for unit, targets in units.items()}
+
+
+def test_no_import_circles_between_files_or_units():
+    graph = file_graph()
+    assert len(graph) > 50 and "dist_moe.model.transformer" in graph["dist_moe.train.loop"], "it must see the package"
+    assert not cycles(graph), f"files that import each other in a circle: {cycles(graph)}"
+    assert not cycles(unit_graph(graph)), f"units that import each other in a circle: {cycles(unit_graph(graph))}"
+
+
+def test_the_circle_finder_finds_a_planted_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []

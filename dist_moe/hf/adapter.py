@@ -14,23 +14,21 @@ Refused, with one line naming the key: moe.moe_every=0 (a dense model), model.ro
 (transformers' `dynamic` rescales with the sequence length: another model), and a shared expert with
 model.qk_norm (Qwen3-MoE has none).
 
-Names: "checkpoint" state dicts use the names DeepSpeed's files hold (the dense model file plus per-expert
-`...deepspeed_moe.experts.deepspeed_experts.{global id}.w{1,2,3}.weight`); "module" state dicts are what
-our plain modules load (`ffn.router.weight`, stacked `ffn.experts.w13` (E, D, 2F) and `ffn.experts.w2`
-(E, F, D)). transformers' names are its per-expert checkpoint layout, which every 4.x/5.x version reads;
-import also takes transformers 5's own names (fused experts; Mixtral's MoE under `mlp.`).
+Names (as torchtitan's state_dict_adapter): ours are the plain Transformer's own state dict with every expert
+(moe.ep_size=1): `ffn.router.weight`, stacked `ffn.experts.w13` (E, D, 2F, model/moe/experts.py's layout)
+and `ffn.experts.w2` (E, F, D). transformers' names are its per-expert checkpoint layout, which every 4.x/5.x
+version reads; import also takes transformers 5's own names (fused experts; Mixtral's MoE under `mlp.`).
+Nothing here knows checkpoint files: train/checkpoint_reader.py reads a run's checkpoint into our names.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import torch
 
 from dist_moe.config import Config, ConfigError, expert_width, head_dim, is_moe_layer
-from dist_moe.train.deepspeed_keys import EXPERT_KEY as DEEPSPEED_EXPERT_KEY
-from dist_moe.train.deepspeed_keys import GATE_KEY
+from dist_moe.model.moe.experts import split_w13, stack_w13
 
 ATTENTION = {"attn_norm.weight": "input_layernorm.weight", "attn.wq.weight": "self_attn.q_proj.weight",
              "attn.wk.weight": "self_attn.k_proj.weight", "attn.wv.weight": "self_attn.v_proj.weight",
@@ -39,8 +37,6 @@ QK_NORM = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight"
 SWIGLU = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # ours (Shazeer's names) -> Llama's
 TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
        "lm_head.weight": "lm_head.weight"}
-EXPERT_KEY = re.compile(r"blocks\.(\d+)\.ffn\." + re.escape(DEEPSPEED_EXPERT_KEY).replace(r"\{\}", "{}").format(
-    r"(\d+)", r"(w[123])"))  # a checkpoint's expert key: (layer, global expert id, w1 | w2 | w3)
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 QK_NORM_KINDS = ("qwen3", "qwen3_moe")  # transformers' model_types with per-head q/k RMSNorm
@@ -123,23 +119,6 @@ def attention_names(m) -> dict[str, str]:
     return {**ATTENTION, **QK_NORM} if m.qk_norm else ATTENTION
 
 
-def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Module names (a whole model's stacked experts, in one process) -> checkpoint names; others unchanged."""
-    out = {}
-    for key, value in state.items():
-        prefix, _, name = key.rpartition("ffn.")
-        if name == "router.weight":
-            out[f"{prefix}ffn.{GATE_KEY}"] = value
-        elif name in ("experts.w13", "experts.w2"):
-            stacks = dict(zip(("w1", "w3"), value.chunk(2, dim=2))) if name == "experts.w13" else {"w2": value}
-            for w, stacked in stacks.items():  # (E, in, out) -> nn.Linear's (out, in) per expert
-                out.update({prefix + "ffn." + DEEPSPEED_EXPERT_KEY.format(e, w): stacked[e].t()
-                            for e in range(stacked.shape[0])})
-        elif name != "router.noise_weight":
-            out[key] = value
-    return out
-
-
 def _moe_names(kind: str, layer: int) -> tuple[str, str, Callable[[int, str], str]]:
     """(router key, shared-expert prefix, expert key(e, ours w1|w2|w3)) of an MoE layer in transformers' names."""
     prefix = f"model.layers.{layer}."
@@ -150,10 +129,9 @@ def _moe_names(kind: str, layer: int) -> tuple[str, str, Callable[[int, str], st
             lambda e, w: f"{prefix}mlp.experts.{e}.{SWIGLU[w]}.weight")
 
 
-def checkpoint_to_hf(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
-    """Our checkpoint names (dense file + every global expert) -> transformers' names, exactly representing."""
+def to_hf(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, torch.Tensor]:
+    """Our model's state dict (every expert) -> transformers' names, exactly representing."""
     kind, m = architecture(cfg), cfg.model
-    state = checkpoint_names(state)
     out = {TOP[k]: v for k, v in state.items() if k in TOP and not (k == "lm_head.weight" and m.tie_embeddings)}
     for i in range(m.num_layers):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
@@ -162,11 +140,10 @@ def checkpoint_to_hf(state: dict[str, torch.Tensor], cfg: Config) -> dict[str, t
             out.update({f"{theirs}mlp.{hf}.weight": state[f"{ours}ffn.{w}.weight"] for w, hf in SWIGLU.items()})
             continue
         router, shared, expert = _moe_names(kind, i)
-        out[router] = state[f"{ours}ffn.{GATE_KEY}"]
-        for key, value in state.items():
-            match = EXPERT_KEY.fullmatch(key)
-            if match and int(match[1]) == i:
-                out[expert(int(match[2]), match[3])] = value
+        out[router] = state[f"{ours}ffn.router.weight"]
+        w1, w3 = split_w13(state[f"{ours}ffn.experts.w13"])
+        for w, stacked in {"w1": w1, "w3": w3, "w2": state[f"{ours}ffn.experts.w2"]}.items():
+            out.update({expert(e, w): stacked[e].t() for e in range(len(stacked))})  # nn.Linear's (out, in)
         if kind == "qwen2_moe":
             _shared_to_qwen2(out, state, ours, shared, cfg)
     return out
@@ -281,8 +258,9 @@ def _experts(hf_state: dict, prefix: str, names: dict[str, str], num_experts: in
     return {"w1": list(w1), "w3": list(w3), "w2": list(down)}
 
 
-def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, path: str) -> dict[str, torch.Tensor]:
-    """transformers' names -> our checkpoint names (the inverse of checkpoint_to_hf); refuses what we cannot hold."""
+def from_hf(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, path: str) -> dict[str, torch.Tensor]:
+    """transformers' names -> our model's state dict with every expert (the inverse of to_hf); refuses what
+    we cannot hold."""
     m = cfg.model
     out = {ours: hf_state[theirs] for ours, theirs in TOP.items() if theirs in hf_state}
     if m.tie_embeddings or "lm_head.weight" not in out:
@@ -299,10 +277,11 @@ def hf_to_checkpoint(hf_state: dict[str, torch.Tensor], cfg: Config, kind: str, 
             out.update({f"{ours}ffn.{w}.weight": hf_state[f"{theirs}mlp.{hf}.weight"] for w, hf in SWIGLU.items()})
             continue
         moe_prefix, names = _moe_layout(hf_state, kind, i)
-        out[f"{ours}ffn.{GATE_KEY}"] = hf_state[moe_prefix + "gate.weight"]
-        for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts, path).items():
-            out.update({ours + "ffn." + DEEPSPEED_EXPERT_KEY.format(e, w): t
-                        for e, t in enumerate(weights)})
+        out[f"{ours}ffn.router.weight"] = hf_state[moe_prefix + "gate.weight"]
+        experts = {w: torch.stack([t.t() for t in weights])  # (E, in, out)
+                   for w, weights in _experts(hf_state, moe_prefix, names, cfg.moe.num_experts, path).items()}
+        out[f"{ours}ffn.experts.w13"] = stack_w13(experts["w1"], experts["w3"])
+        out[f"{ours}ffn.experts.w2"] = experts["w2"]
         if kind == "qwen2_moe":
             _shared_from_qwen2(out, hf_state, ours, moe_prefix, cfg, path)
     return out

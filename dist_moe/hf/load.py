@@ -22,6 +22,7 @@ import torch
 
 from dist_moe.config import Config, ConfigError, validate
 from dist_moe.hf import adapter
+from dist_moe.model.moe.experts import stack_w13
 
 
 class FolderEntries(dict):
@@ -104,43 +105,40 @@ def init_tokenizer(cfg: Config) -> Path | None:
     return model if path and model.is_file() else None
 
 
-def load_checkpoint_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a whole model's checkpoint-named weights into `model`, each MoE layer taking its own experts."""
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    module_state = {}
-    for key, value in state.items():
-        match = adapter.EXPERT_KEY.fullmatch(key)
-        if match:
-            experts.setdefault((int(match[1]), match[3]), {})[int(match[2])] = value
-        else:
-            module_state[key.replace(adapter.GATE_KEY, "router.weight")] = value
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a whole model's state dict (every expert) into `model`, each MoE layer taking its own experts."""
+    state = dict(state)
     for i, block in enumerate(model.blocks):
-        if not block.is_moe:
-            continue
-        local = range(block.ffn.experts.first_expert, block.ffn.experts.first_expert + block.ffn.experts.w13.shape[0])
-        w1, w2, w3 = (torch.stack([experts[(i, w)][e].t() for e in local]) for w in ("w1", "w2", "w3"))
-        module_state[f"blocks.{i}.ffn.experts.w13"] = torch.cat([w1, w3], dim=2)  # (E_local, D, 2F)
-        module_state[f"blocks.{i}.ffn.experts.w2"] = w2  # (E_local, F, D)
-    missing, unexpected = model.load_state_dict(module_state, strict=False)
+        if block.is_moe:
+            experts = block.ffn.experts
+            local = slice(experts.first_expert, experts.first_expert + experts.w13.shape[0])
+            for w in ("w13", "w2"):
+                state[f"blocks.{i}.ffn.experts.{w}"] = state[f"blocks.{i}.ffn.experts.{w}"][local]
+    missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("noise_weight") for k in missing), (missing, unexpected)
 
 
+def own_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under its module names (its state_dict may be under DeepSpeed's, once the engine's
+    key hooks are on)."""
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+
 def upcycled_state(hf_state: dict[str, torch.Tensor], cfg: Config, model: torch.nn.Module) -> dict:
-    """Checkpoint-named weights of the MoE: the dense model's, its FFN copied into every expert, routers as
-    the model initialised them."""
+    """The MoE's state dict: the dense model's, its FFN copied into every expert, routers as the model
+    initialised them."""
     dense_cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, moe_every=0))
-    dense = adapter.hf_to_checkpoint(hf_state, dense_cfg, "dense", "")
-    own = adapter.checkpoint_names(model.state_dict())
-    state = {}
+    state = adapter.from_hf(hf_state, dense_cfg, "dense", "")
+    own = own_weights(model)
     for i in range(cfg.model.num_layers):
-        ffn = {w: dense.pop(f"blocks.{i}.ffn.{w}.weight") for w in ("w1", "w2", "w3")}
         if not model.blocks[i].is_moe:
-            state.update({f"blocks.{i}.ffn.{w}.weight": t for w, t in ffn.items()})
             continue
-        state[f"blocks.{i}.ffn.{adapter.GATE_KEY}"] = own[f"blocks.{i}.ffn.{adapter.GATE_KEY}"]
-        state.update({f"blocks.{i}.ffn." + adapter.DEEPSPEED_EXPERT_KEY.format(e, w): t
-                      for e in range(cfg.moe.num_experts) for w, t in ffn.items()})
-    return {**dense, **state}
+        w1, w2, w3 = (state.pop(f"blocks.{i}.ffn.{w}.weight").t() for w in ("w1", "w2", "w3"))  # (in, out)
+        experts = cfg.moe.num_experts
+        state[f"blocks.{i}.ffn.router.weight"] = own[f"blocks.{i}.ffn.router.weight"]
+        state[f"blocks.{i}.ffn.experts.w13"] = stack_w13(w1, w3).expand(experts, -1, -1)
+        state[f"blocks.{i}.ffn.experts.w2"] = w2.expand(experts, -1, -1)
+    return state
 
 
 def load_init_weights(model: torch.nn.Module, cfg: Config) -> None:
@@ -150,21 +148,24 @@ def load_init_weights(model: torch.nn.Module, cfg: Config) -> None:
     if dense:
         state = upcycled_state(hf_state, cfg, model)
     else:
-        state = adapter.hf_to_checkpoint(hf_state, cfg, read_config(path)["model_type"], path)
+        state = adapter.from_hf(hf_state, cfg, read_config(path)["model_type"], path)
     _check_shapes(state, model, path)
-    load_checkpoint_state(model, state)
+    load_model_state(model, state)
 
 
 def _check_shapes(state: dict[str, torch.Tensor], model: torch.nn.Module, path: str) -> None:
     """Every weight of the folder as large as its config.json makes ours (a rank holds only its own experts:
-    expert keys compare with its first)."""
-    expected = adapter.checkpoint_names(model.state_dict())
+    stacked experts compare one expert's shape)."""
+    expected = own_weights(model)
     for key, value in state.items():
-        match = adapter.EXPERT_KEY.fullmatch(key)
-        ours = f"blocks.{match[1]}.ffn." + adapter.DEEPSPEED_EXPERT_KEY.format(0, match[3]) if match else key
-        if ours in expected and value.shape != expected[ours].shape:
-            raise ConfigError(f"'{path}': the weight that becomes our {key} has shape {tuple(value.shape)}, but its "
-                              f"config.json makes it {tuple(expected[ours].shape)}")
+        ours = expected.get(key)
+        if ours is None:
+            continue
+        stacked = key.endswith(("experts.w13", "experts.w2"))
+        got, want = (value.shape[1:], ours.shape[1:]) if stacked else (value.shape, ours.shape)
+        if got != want:
+            raise ConfigError(f"'{path}': the weight that becomes our {key} has shape {tuple(got)}, but its "
+                              f"config.json makes it {tuple(want)}")
 
 
 def generate_from_hf(path: str | Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,

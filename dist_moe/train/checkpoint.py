@@ -14,7 +14,8 @@ files are partitioned by rank and expert group, so each checkpoint also holds a 
 of the Adam state (portable_optimizer.py), read only on another topology.
 
 A checkpoint may come from elsewhere, so no file of it runs code: ours are read with torch's weights-only
-unpickler (tensors and plain values, plus numpy's RNG-state types), and before DeepSpeed's loader (which
+unpickler (tensors and plain values, plus numpy's RNG-state types: checkpoint_reader.load_file, which also
+owns the listing of a run's checkpoints), and before DeepSpeed's loader (which
 unpickles anything) reads a checkpoint, every file there must pass that same reader, which then also
 allows the few plain-data classes DeepSpeed's ZeRO files hold (`check_files`).
 """
@@ -22,9 +23,7 @@ allows the few plain-data classes DeepSpeed's ZeRO files hold (`check_files`).
 from __future__ import annotations
 
 import os
-import pickle
 import random
-import re
 import shutil
 import warnings
 import zipfile
@@ -35,6 +34,7 @@ import torch
 
 from dist_moe.atomic import write_bytes_atomic
 from dist_moe.errors import CheckpointError
+from dist_moe.train.checkpoint_reader import candidates, checkpoint_root, complete_checkpoints, load_file
 from dist_moe.train import portable_optimizer
 from dist_moe.train.engine import DistContext
 
@@ -42,27 +42,6 @@ from dist_moe.train.engine import DistContext
 # What DeepSpeed's optimizer partitions assume about the model's parameters; raised when that changes.
 # 2: each MoE layer's gate and up weights are one parameter, experts.w13 (unmarked, 1: w1 and w3 apart).
 PARAMETER_LAYOUT = 2
-
-
-# What a checkpoint holds besides tensors and plain values: numpy's RNG state (an array of uint32) in
-# trainer_rank{r}.pt. np.zeros(0).__reduce__()[0] is numpy's array unpickler, wherever its version keeps it.
-SAFE_GLOBALS = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def load_file(file: Path, mmap: bool = False, allowed: list | tuple = ()):
-    """A checkpoint file's contents, read without running any of it: a file that holds anything but tensors,
-    plain values, SAFE_GLOBALS and the `allowed` classes is refused in one line naming it (a pickle can call
-    any function)."""
-    try:
-        with torch.serialization.safe_globals([*SAFE_GLOBALS, *allowed]):
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f"a reference to {found[1]}" if found else "an object that is neither a tensor nor a plain value"
-        raise CheckpointError(f"{file}: refused, it holds {what}, which loading would run (a checkpoint holds "
-                              "only tensors and plain values; was it made elsewhere?)") from None
-    except (RuntimeError, OSError, EOFError) as exc:
-        raise CheckpointError(f"{file}: not a readable torch checkpoint file ({str(exc).splitlines()[0]})") from None
 
 
 def check_files(path: Path) -> None:
@@ -88,10 +67,6 @@ def load_weights(engine, path: Path) -> None:
     per-expert files), once check_files has passed it."""
     check_files(path)
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True)
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
 
 
 def _tag(step: int) -> str:
@@ -165,26 +140,6 @@ def rotated_out(run_dir: Path, saved: Path, keep: int) -> list[Path]:
     they are not this run's, and its saves replace them as it reaches their steps."""
     upto = [p for p in complete_checkpoints(run_dir) if p.name <= saved.name]
     return upto[:-keep]
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Completed checkpoint dirs, oldest first (partial ones are never listed)."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and "." not in p.name)
-
-
-def candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints to try, best first: the one `latest` names, then the others newest first."""
-    complete = complete_checkpoints(run_dir)
-    latest_file = checkpoint_root(run_dir) / "latest"
-    named = []
-    if latest_file.exists():
-        path = checkpoint_root(run_dir) / latest_file.read_text().strip()
-        if path in complete:
-            named = [path]
-    return named + [p for p in reversed(complete) if p not in named]
 
 
 def verify(path: Path) -> str | None:

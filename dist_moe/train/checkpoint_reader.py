@@ -3,12 +3,16 @@ plain model's weights from one of them.
 
 DeepSpeed writes the dense weights to `mp_rank_00_model_states.pt` and each global expert of each MoE layer
 to `layer_{i}_expert_{id}_mp_rank_00_model_states.pt` (whichever EP rank held it), so a checkpoint of any
-world size and moe.ep_size reads alike into one process. Files are loaded with weights_only=True: a
-checkpoint never executes code. Listing needs no torch (`dist-moe status` stays light); reading imports it.
+world size and moe.ep_size reads alike into one process. A checkpoint may come from elsewhere, so every
+file is read by load_file, torch's weights-only unpickler: no file of it runs code. This module owns the
+listing and the safe loading (train/checkpoint.py uses both); listing needs no torch (`dist-moe status` stays
+light), reading imports it.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +20,32 @@ from dist_moe.config import Config, from_yaml_file, is_moe_layer
 from dist_moe.errors import CheckpointError
 
 DENSE_FILE = "mp_rank_00_model_states.pt"
+
+
+def safe_globals() -> list:
+    """What a checkpoint holds besides tensors and plain values: numpy's RNG state (an array of uint32) in
+    trainer_rank{r}.pt. np.zeros(0).__reduce__()[0] is numpy's array unpickler, wherever its version keeps it."""
+    import numpy as np
+
+    return [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_file(file: Path, mmap: bool = False, allowed: list | tuple = ()):
+    """A checkpoint file's contents, read without running any of it: a file that holds anything but tensors,
+    plain values, safe_globals() and the `allowed` classes is refused in one line naming it (a pickle can call
+    any function)."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([*safe_globals(), *allowed]):
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"a reference to {found[1]}" if found else "an object that is neither a tensor nor a plain value"
+        raise CheckpointError(f"{file}: refused, it holds {what}, which loading would run (a checkpoint holds "
+                              "only tensors and plain values; was it made elsewhere?)") from None
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise CheckpointError(f"{file}: not a readable torch checkpoint file ({str(exc).splitlines()[0]})") from None
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -64,19 +94,17 @@ def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
 def read_checkpoint_state(path: Path, cfg: Config) -> dict:
     """Every weight of a checkpoint dir under the names DeepSpeed's files hold (per-expert keys with global
     expert ids); every expert of every MoE layer must be there."""
-    import torch
-
     dense = path / DENSE_FILE
     if not dense.is_file():
         raise CheckpointError(f"{dense}: missing (the dense model file of every checkpoint)")
-    state = dict(torch.load(dense, map_location="cpu", weights_only=True)["module"])
+    state = dict(load_file(dense)["module"])
     num_moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.model.num_layers))
     for moe_index in range(num_moe_layers):
         for expert in range(cfg.moe.num_experts):
             file = path / f"layer_{moe_index}_expert_{expert}_{DENSE_FILE}"
             if not file.is_file():
                 raise CheckpointError(f"{file}: missing (every global expert has its own file)")
-            state.update(torch.load(file, map_location="cpu", weights_only=True))
+            state.update(load_file(file))
     return state
 
 

@@ -56,7 +56,7 @@ def test_exported_model_equals_ours(case, tmp_path):
     overrides, architecture = CASES[case]
     cfg, model = tiny_model(overrides)
     assert adapter.architecture(cfg) == architecture
-    write_model(model.state_dict(), cfg, tmp_path, eos_id=1)
+    write_model(adapter.to_hf(model.state_dict(), cfg), cfg, tmp_path, eos_id=1)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert type(hf).__name__ == adapter.ARCHITECTURES[architecture]
 
@@ -75,7 +75,7 @@ def test_exported_model_equals_ours(case, tmp_path):
 
 def test_sharded_above_the_size_limit(tmp_path):
     cfg, model = tiny_model([])
-    write_model(model.state_dict(), cfg, tmp_path, eos_id=1, max_shard_bytes=20_000)
+    write_model(adapter.to_hf(model.state_dict(), cfg), cfg, tmp_path, eos_id=1, max_shard_bytes=20_000)
     shards = sorted(tmp_path.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").is_file()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()

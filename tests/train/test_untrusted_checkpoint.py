@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cli_runs import SMALL, dist_moe
+from dist_moe.cli import export_run
 from dist_moe.errors import CheckpointError
-from dist_moe.hf.export import export
 from dist_moe.train import checkpoint
 
 FILE_KINDS = ["trainer_rank0.pt", "mp_rank_00_model_states.pt", "layer_1_expert_3_mp_rank_00_model_states.pt",
@@ -78,7 +78,7 @@ def test_a_planted_pickle_in_any_file_is_refused_without_running(trained, tmp_pa
 def test_export_refuses_a_planted_pickle(trained, tmp_path):
     run_dir, marker = planted_copy(trained, tmp_path, "mp_rank_00_model_states.pt")
     with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused"):
-        export(run_dir, tmp_path / "hf")
+        export_run(run_dir, tmp_path / "hf")
     assert not marker.exists() and not (tmp_path / "hf").exists()
 
 

@@ -9,7 +9,8 @@ narrow experts), and so does their input gradient, whose two halves the GEMM sum
 written out (`_SwiGLUMLP`): it saves x and h13 = x w13 only, recomputes silu(h1) * h3 with the gradients in
 one pass, and writes those over h13, so the MLP holds at most three (rows, F) buffers at once. Given a routing
 plan, the experts also permute their rows and combine them, with the gate weights scaling the hidden rows (see
-_SwiGLUMLP). Checkpoints keep DeepSpeed's separate w1 / w3 (train/deepspeed_keys.py splits them).
+_SwiGLUMLP). stack_w13 / split_w13 own the [w1 | w3] layout: DeepSpeed's checkpoints (train/deepspeed_keys.py)
+and transformers' names (hf/adapter.py) keep w1 and w3 apart.
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def stack_w13(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLUExperts.w13 from gate and up weights in (..., D, F) (input-major, as w13 holds them): (..., D, 2F)."""
+    return torch.cat([w1, w3], dim=-1)
+
+
+def split_w13(w13: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1, w3), each (..., D, F), of a (..., D, 2F) w13: the inverse of stack_w13 (views, not copies)."""
+    w1, w3 = w13.chunk(2, dim=-1)
+    return w1, w3
 
 
 def expert_init(num_experts: int, d_model: int, d_ff: int, std: float) -> Iterator[tuple[int, torch.Tensor, ...]]:
@@ -111,7 +123,7 @@ class SwiGLUExperts(nn.Module):
         for e, w1, w3, w2 in expert_init(self.num_experts, self.w2.shape[2], self.w2.shape[1], std):
             if e in local:
                 i = e - self.first_expert
-                self.w13[i].copy_(torch.cat([w1, w3], dim=1)), self.w2[i].copy_(w2)
+                self.w13[i].copy_(stack_w13(w1, w3)), self.w2[i].copy_(w2)
 
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor,
                 routing: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
