@@ -5,27 +5,27 @@ scales with the (query, chosen block) pairs (FlashMoBA's "collect and densify" o
 fp32 accumulation. docs/moba.md says how the kernels work, what they cost and what they measured.
 """
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .runtime import INTERPRET, runs_kernels
+
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# (query rows, keys, num_warps, num_stages) per kernel for 16-bit inputs: the least spilling on sm_90 with
-# triton 3.6 (dK/dV on 4 warps spilled 880 bytes per thread there); 64-row tiles run on wgmma. fp32 inputs
-# (ieee dots, 3x the shared memory) take FP32_TILES. _tiles() cuts a side to divide block_size.
-TILES = {"forward": (64, 64, 8, 2), "dq": (32, 128, 8, 2), "dkdv": (32, 64, 8, 2)}
+# (query rows, keys, num_warps, num_stages) per kernel for 16-bit inputs: the tiles measured fastest on an
+# H100 (docs/moba.md); 64-row tiles run on wgmma. fp32 inputs (ieee dots, 3x the shared memory) take
+# FP32_TILES. _tiles() cuts a side to divide block_size.
+TILES = {"forward": (64, 64, 8, 2), "dq": (32, 128, 8, 2), "dkdv": (32, 64, 4, 2)}
 FP32_TILES = {kernel: (32, 32, 4, 2) for kernel in ("forward", "dq", "dkdv")}
-if _INTERPRET:  # small tiles, rows and keys unequal both ways, so that tests reach every tile shape
+if INTERPRET:  # small tiles, rows and keys unequal both ways, so that tests reach every tile shape
     TILES = {"forward": (16, 32, 4, 1), "dq": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1)}
     FP32_TILES = TILES
 # Queries one program owns (rounded to whole MoBA blocks): enough that a key block gathers a tile of them at
 # 1/16 density, few enough that their fp32 state stays near L2.
-GATHER_RANGE_ROWS = 32 if _INTERPRET else 512
+GATHER_RANGE_ROWS = 32 if INTERPRET else 512
 # The gate's method (select_blocks): "kernel" (running top-k in registers) or "topk" (chunked scores + torch.topk).
 GATE_METHOD = "topk"
 
@@ -33,7 +33,7 @@ GATE_METHOD = "topk"
 def _gate_tile(block_size: int) -> tuple[int, int]:
     """(query rows, num_warps) of the gate: 32 rows on 8 warps keep the running top-k in registers up to
     top_k 256 on sm_90 (64 rows on 4 warps spilled); 16 rows where the block needs it."""
-    if _INTERPRET:
+    if INTERPRET:
         return 16, 4
     return (32, 8) if block_size % 32 == 0 else (16, 4)
 
@@ -334,7 +334,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int,
     tile, num_warps = _gate_tile(block_size)
     _gate[(triton.cdiv(N, tile), B * Hq)](q, means, chosen, Hq, N, max(num_blocks, 1), Hq // Hkv, block_size,
                                           HEAD_DIM=D, TOPK=top_k, TOPK_PAD=topk_pad, BLOCK_M=tile,
-                                          BLOCK_B=16 if _INTERPRET else 64, num_warps=num_warps, num_stages=2)
+                                          BLOCK_B=16 if INTERPRET else 64, num_warps=num_warps, num_stages=2)
     return chosen
 
 
@@ -485,7 +485,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int)
         return False
     (B, Hq, N, D), (Bk, Hkv, Nk, Dk) = q.shape, k.shape
     same = q.dtype == k.dtype == v.dtype and q.device == k.device == v.device
-    on_device = q.is_cuda or (_INTERPRET and q.device.type == "cpu")
+    on_device = runs_kernels(q)
     return (same and on_device and B == Bk and N == Nk and N > 0 and D == Dk and D in HEAD_DIMS and Hkv > 0
             and Hq % Hkv == 0 and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and block_size >= 16 and block_size % 16 == 0)
