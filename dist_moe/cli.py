@@ -289,13 +289,8 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
     os.execv(sys.executable, cmd)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser = argparse.ArgumentParser(prog="dist-moe", parents=[common], description="dist_moe: distributed "
-                                     "expert-parallel training of Mixture-of-Experts language models")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_training_commands(sub, common: argparse.ArgumentParser) -> None:
+    """train, data prepare, resume, dpo: the commands that start or continue training."""
     train = sub.add_parser(
         "train", help="train a model", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"Train an MoE language model. PRESET is a shipped preset name (tiny, small, medium) or "
@@ -338,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--nproc", type=int, default=1, help="worker processes on this machine")
     dpo.set_defaults(fn=cmd_dpo)
 
+
+def _add_job_commands(sub, common: argparse.ArgumentParser) -> None:
+    """submit, status, logs, stop: a Ray cluster's jobs (status also reads a run dir)."""
     address = argparse.ArgumentParser(add_help=False)
     address.add_argument("--address", default=None, help="Ray job server, e.g. http://HEAD:8265 "
                          "(default: $RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -355,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
             job.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
         job.set_defaults(fn=fn)
 
+
+def _add_scaling_commands(sub, common: argparse.ArgumentParser) -> None:
+    """scaling sweep | fit | predict | check."""
     scaling = sub.add_parser("scaling", help="scaling laws: sweep small runs, fit Chinchilla curves", parents=[common])
     scaling_sub = scaling.add_subparsers(dest="scaling_command", required=True)
     sweep = scaling_sub.add_parser("sweep", help="run a grid of small training runs as Ray tasks", parents=[common])
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--plot", default=None, help="PNG of the fitted isoFLOP curves with the held-out runs")
     check.set_defaults(fn=cmd_scaling_check)
 
+
+def _add_run_dir_commands(sub, common: argparse.ArgumentParser) -> None:
+    """analyze, generate, export, tensorboard: what reads a finished run dir."""
     analyze = sub.add_parser("analyze", help="expert-load report of a run (from its TensorBoard events)",
                              parents=[common])
     analyze.add_argument("run_dir")
@@ -425,6 +429,17 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
     tb.add_argument("--port", type=int, default=6006)
     tb.set_defaults(fn=cmd_tensorboard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="dist-moe", parents=[common], description="dist_moe: distributed "
+                                     "expert-parallel training of Mixture-of-Experts language models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_training_commands, _add_job_commands, _add_scaling_commands,
+                         _add_run_dir_commands):
+        add_commands(sub, common)
     return parser
 
 

@@ -201,3 +201,10 @@ def test_no_import_circles_between_files_or_units():
 def test_the_circle_finder_finds_a_planted_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_function_in_the_package_is_longer_than_60_lines():
+    long = [f"{package_path(path)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in source_files() for node in ast.walk(syntax_tree(path))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 >= 60]
+    assert not long, long
