@@ -24,7 +24,9 @@ def test_resume_of_an_ep2_run_in_one_process_keeps_the_global_batch_and_the_loss
     expected, got = losses(tmp_path / "two"), losses(run_dir)
     assert sorted(got) == [1, 2, 3, 4] == sorted(expected)
     for step in (3, 4):
-        assert got[step] == pytest.approx(expected[step], rel=1e-4), step  # same data; EP changes float sums only
+        # same data; the capacity and the micro-batch aux loss see a rank's tokens, so the runs differ a little
+        # (1.2e-4 seen); other data would differ by percents
+        assert got[step] == pytest.approx(expected[step], rel=1e-3), step
     assert "micro_batch_size: 16" in (run_dir / "config.yaml").read_text()  # the fitted keys persist
 
 
