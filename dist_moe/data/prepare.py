@@ -55,6 +55,7 @@ def prepare(data_cfg, cluster_cfg=None, show_progress: bool = True, tokenizer: O
         bad = [p for p in (shard_problem(plan.folder, s, verify) for s in manifest.shards) if p]
         if not bad:
             _say(f"data: prepared at {plan.folder}", show_progress)
+            _say(_describe_tokens(manifest), show_progress)
             return plan.folder
         _say(f"data: {len(bad)} bad shard(s) ({bad[0]}, ...), rebuilding them", show_progress)
         (plan.folder / "manifest.json").unlink()
@@ -71,10 +72,15 @@ def prepare(data_cfg, cluster_cfg=None, show_progress: bool = True, tokenizer: O
         done = runner.tokenize(plan, verify=verify or manifest is None, show_progress=show_progress)
     manifest = _manifest(plan, done, counts)
     write_manifest(plan.folder, manifest)
-    _say(f"data: {manifest.tokens('train'):,} train and {manifest.tokens('val'):,} val tokens in "
-         f"{len(manifest.shards)} shard(s); unigram entropy {manifest.unigram_entropy_nats:.3f} nats/token",
-         show_progress)
+    _say(_describe_tokens(manifest), show_progress)
     return plan.folder
+
+
+def _describe_tokens(manifest: Manifest) -> str:
+    """The token counts and the unigram entropy: the loss a model that ignores context gets, the baseline."""
+    return (f"data: {manifest.tokens('train'):,} train and {manifest.tokens('val'):,} val tokens in "
+            f"{len(manifest.shards)} shard(s); unigram entropy {manifest.unigram_entropy_nats:.3f} nats/token "
+            "(the loss to beat)")
 
 
 def make_plan(data_cfg, tokenizer: Optional[Path] = None) -> Plan:
