@@ -25,12 +25,21 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
+def skip_shm_comm_op(deepspeed) -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm, a C++ build of
+    25-100 s in ~/.cache/torch_extensions, redone whenever another virtualenv shares that cache) when its comm
+    starts, for `inference_all_reduce` alone (tensor-parallel inference), which training never calls: marking
+    the op incompatible makes it skip the build, and that call falls back to torch.distributed.all_reduce."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def create_expert_groups(ep_size: int, use_data_before_expert_parallel: bool = False) -> None:
     """Create DeepSpeed's EP and expert-DP groups for ep_size once (collective: every rank must call)."""
     import deepspeed
     from deepspeed.utils import groups
 
     if not deepspeed.comm.is_initialized():  # torch.distributed is up; let DeepSpeed's comm wrap it
+        skip_shm_comm_op(deepspeed)
         deepspeed.init_distributed(auto_mpi_discovery=False, verbose=False)
     if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(

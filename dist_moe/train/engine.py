@@ -21,6 +21,7 @@ from datetime import timedelta
 import torch
 
 from dist_moe.config import Config, check_world_size, grad_accum_dtype, use_bf16
+from dist_moe.parallel.groups import skip_shm_comm_op
 from dist_moe.train.deepspeed_moe import apply_deepspeed_moe
 
 
@@ -100,14 +101,6 @@ def init_distributed(cfg: Config) -> DistContext:
     rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     check_world_size(cfg, world_size)
     return DistContext(rank, world_size, local_rank, device, owns_process_group)
-
-
-def skip_shm_comm_op(deepspeed) -> None:
-    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce (deepspeed_shm_comm, a C++ build of
-    25-100 s in ~/.cache/torch_extensions, redone whenever another virtualenv shares that cache) at every
-    start, for `inference_all_reduce` alone (tensor-parallel inference), which training never calls: marking
-    the op incompatible makes it skip the build, and that call falls back to torch.distributed.all_reduce."""
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def lr_lambda(cfg: Config):
