@@ -2,8 +2,11 @@
 
 Runs are grouped by compute budget C; within a budget, loss is fitted by a parabola in log N and the
 vertex gives N*(C) (and a parabola in log D gives D*(C)); then log N* = log G + a log C and
-log D* = log H + b log C are fitted by least squares. A budget counts only with >= 3 distinct model
-sizes, an upward parabola and its vertex inside the sampled sizes (no extrapolated minima).
+log D* = log H + b log C are fitted by least squares. The parabola is a local model of the minimum, so it
+is fitted to the lowest-loss size and up to two sizes on each side of it: far-off sizes (a model 20x too
+large, trained for 36 steps) rise much more steeply than a parabola and would drag its vertex. A budget
+counts only with >= 3 distinct model sizes, an upward parabola and its vertex inside the fitted sizes
+(no extrapolated minima).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dist_moe.scaling.results import ScalingDataError
 
 BUDGET_TOLERANCE = 0.1  # runs within 10% of a group's smallest C share its budget
 MIN_SIZES = 3
+NEIGHBOURS = 2  # sizes fitted on each side of a budget's lowest-loss size
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class IsoFlopProfile:
     d_opt: float
     loss_opt: float
     rows: np.ndarray  # indices of this budget's runs in the fitted arrays
+    window: np.ndarray  # the rows the parabolas were fitted to: the minimum and its neighbouring sizes
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,14 @@ def _vertex(x: np.ndarray, loss: np.ndarray, axis: str) -> tuple[np.ndarray, flo
     return fit, float(x_opt), ""
 
 
+def _window(n: np.ndarray, loss: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """Mask of the budget's runs whose size is the lowest-loss run's or one of NEIGHBOURS sizes either side."""
+    sizes = np.unique(n[budget])
+    best = np.flatnonzero(budget)[np.argmin(loss[budget])]
+    j = int(np.searchsorted(sizes, n[best]))
+    return budget & np.isin(n, sizes[max(0, j - NEIGHBOURS):j + NEIGHBOURS + 1])
+
+
 def fit_isoflop(n, d, loss, flops, tolerance: float = BUDGET_TOLERANCE) -> IsoFlopFit:
     """Approach 2 on (R,) arrays of active parameters, tokens, final loss and training FLOPs."""
     n, d, loss, flops = (np.asarray(v, dtype=np.float64) for v in (n, d, loss, flops))
@@ -84,13 +97,14 @@ def fit_isoflop(n, d, loss, flops, tolerance: float = BUDGET_TOLERANCE) -> IsoFl
         if len(np.unique(n[m])) < MIN_SIZES:
             skipped.append((budget, f"fewer than {MIN_SIZES} model sizes"))
             continue
-        fit_n, x_n, why_n = _vertex(np.log(n[m]), loss[m], "N")
-        fit_d, x_d, why_d = _vertex(np.log(d[m]), loss[m], "D")
+        w = _window(n, loss, m)
+        fit_n, x_n, why_n = _vertex(np.log(n[w]), loss[w], "N")
+        fit_d, x_d, why_d = _vertex(np.log(d[w]), loss[w], "D")
         if x_n is None or x_d is None:
             skipped.append((budget, why_n or why_d))
             continue
         profiles.append(IsoFlopProfile(budget, fit_n, fit_d, float(np.exp(x_n)), float(np.exp(x_d)),
-                                       float(np.polyval(fit_n, x_n)), np.flatnonzero(m)))
+                                       float(np.polyval(fit_n, x_n)), np.flatnonzero(m), np.flatnonzero(w)))
     if len(profiles) < 2:
         raise ScalingDataError(
             f"Approach 2 needs at least 2 compute budgets with {MIN_SIZES}+ model sizes and an interior "

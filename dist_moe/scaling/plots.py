@@ -99,16 +99,19 @@ def plot_isoloss(table: ResultsTable, law: LossLaw, path: Path, budget: float | 
 
 
 def plot_isoflop(table: ResultsTable, fit: IsoFlopFit, path: Path) -> Path:
-    """`fit` must come from `table`'s rows. Left: loss against N per budget with its parabola and minimum,
-    coloured by C on a colour bar (a legend of 31 budgets runs off the axes). Right: N_opt against C, fitted line."""
+    """`fit` must come from `table`'s rows. Left: loss against N per budget (hollow: sizes outside the parabola's
+    window) with its parabola and minimum, coloured by C on a colour bar (a legend of 31 budgets runs off the
+    axes). Right: N_opt against C, fitted line."""
     fig, (left, right) = _figure(2)
     budgets = np.array([p.flops for p in fit.profiles])
     scale = ScalarMappable(LogNorm(budgets.min(), budgets.max() if len(budgets) > 1 else budgets.min() * 10),
                            colormaps["plasma"])
     for profile in fit.profiles:
         color = scale.to_rgba(profile.flops)
-        n = table.n_active[profile.rows]
-        left.scatter(n, table.val_loss[profile.rows], s=10, color=color)
+        outside = np.setdiff1d(profile.rows, profile.window)
+        left.scatter(table.n_active[outside], table.val_loss[outside], s=10, facecolors="none", edgecolors=color)
+        n = table.n_active[profile.window]
+        left.scatter(n, table.val_loss[profile.window], s=10, color=color)
         x = np.linspace(np.log(n.min()), np.log(n.max()), 100)
         left.plot(np.exp(x), np.polyval(profile.fit_n, x), color=color)
         left.plot([profile.n_opt], [profile.loss_opt], "o", mfc="none", ms=8, color=color)

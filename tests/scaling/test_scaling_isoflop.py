@@ -56,6 +56,22 @@ def test_parabola_vertex_is_the_exact_minimum_of_a_quadratic_profile():
     assert fit.a == pytest.approx(np.log(4e8 / 3e7) / np.log(100.0), rel=1e-9)
 
 
+def test_parabola_is_fitted_to_the_minimum_and_two_sizes_each_side():
+    """Far-off sizes that rise much faster than a parabola (a model far too large for its few steps) do not move
+    the vertex: it is fitted to the lowest-loss size and its two neighbours on each side."""
+    center, n, d, loss, flops = np.log(5e7), [], [], [], []
+    for budget, shift in ((1e18, 0.0), (1e20, 1.0)):
+        for x in center + shift + np.array([-1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 3.0]):
+            rise = x - center - shift
+            n.append(np.exp(x)), d.append(budget / (6 * np.exp(x))), flops.append(budget)
+            loss.append(2.0 + 0.3 * rise ** 2 + (5.0 * (rise - 1.0) ** 3 if rise > 1 else 0.0))
+    fit = fit_isoflop(*(np.array(v) for v in (n, d, loss, flops)))
+    assert [p.n_opt for p in fit.profiles] == pytest.approx([5e7, 5e7 * np.e], rel=1e-9)
+    assert [len(p.window) for p in fit.profiles] == [5, 5] and [len(p.rows) for p in fit.profiles] == [7, 7]
+    everything = np.polyfit(np.log(n[:7]), loss[:7], 2)  # one parabola through all seven would miss it
+    assert abs(np.exp(-everything[1] / (2 * everything[0])) / 5e7 - 1) > 0.1
+
+
 def test_budget_whose_minimum_is_off_the_sampled_sizes_is_skipped():
     budgets = [1e18, 1e19, 1e20]
     n, d, loss, flops = _isoflop_runs(LAW, budgets)
