@@ -174,8 +174,24 @@ def cmd_scaling_fit(args: argparse.Namespace) -> int:
     out = args.out or str(Path(args.results).with_suffix("")) + "_plots"
     print(run_fit(args.results, budget=args.budget, bootstrap=args.bootstrap, out_dir=out,
                   approach=args.approach, grid=args.grid, exclude_highest=args.exclude_highest,
-                  fix_exponents=args.fix_exponents))
+                  fix_exponents=args.fix_exponents, min_tokens_per_param=args.min_tokens_per_param))
     return 0
+
+
+def _add_min_tokens_per_param(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--min-tokens-per-param", type=float, default=0.0, metavar="R",
+                        help="Approach 3 fits only runs with D/N >= R: runs far on the large-model side of their "
+                             "budget are still near their first steps' loss plateau (docs/scaling.md)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': expected numbers separated by commas, e.g. 0,4,16") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': tokens per parameter cannot be negative")
+    return values
 
 
 def _exponent_pair(text: str) -> tuple[float, float]:
@@ -192,7 +208,8 @@ def _exponent_pair(text: str) -> tuple[float, float]:
 def cmd_scaling_predict(args: argparse.Namespace) -> int:
     from dist_moe.scaling.predict import predict
 
-    record = predict(args.results, args.budget, args.sweep, bootstrap_resamples=args.bootstrap, grid=args.grid)
+    record = predict(args.results, args.budget, args.sweep, bootstrap_resamples=args.bootstrap, grid=args.grid,
+                     min_tokens_per_param=args.min_tokens_per_param)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"at C = {args.budget:.3g}: N_opt {record['n_active']:.4g} {record['n_active_interval']}, D_opt "
@@ -201,6 +218,13 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
     for run in record.get("runs", []):
         print(f"  {run['name']}: N {run['n_active']:,} D {run['tokens']:,} predicted loss "
               f"{run['predicted_loss']:.4f} {run['interval']}")
+    return 0
+
+
+def cmd_scaling_backtest(args: argparse.Namespace) -> int:
+    from dist_moe.scaling.predict import backtest
+
+    print(backtest(args.results, args.budget, args.span, args.min_tokens_per_param, grid=args.grid))
     return 0
 
 
@@ -374,6 +398,7 @@ def _add_scaling_commands(sub, common: argparse.ArgumentParser) -> None:
     fit.add_argument("--fix-exponents", type=_exponent_pair, default=None, metavar="ALPHA,BETA",
                      help="hold alpha and beta fixed in Approach 3 (default: fitted; Epoch's 0.3473,0.3672 "
                           "when there are too few runs for all five parameters)")
+    _add_min_tokens_per_param(fit)
     fit.set_defaults(fn=cmd_scaling_fit)
     predict = scaling_sub.add_parser("predict", help="fit a results table and write its prediction for runs it "
                                      "has not seen (commit it before running them)", parents=[common])
@@ -383,7 +408,17 @@ def _add_scaling_commands(sub, common: argparse.ArgumentParser) -> None:
     predict.add_argument("--bootstrap", type=int, default=100, help="resamples for the intervals")
     predict.add_argument("--grid", default="paper", choices=("paper", "coarse"), help="L-BFGS initialisations")
     predict.add_argument("--out", required=True, help="prediction JSON to write")
+    _add_min_tokens_per_param(predict)
     predict.set_defaults(fn=cmd_scaling_predict)
+    backtest = scaling_sub.add_parser("backtest", help="fit a sweep's small budgets and predict its largest, to "
+                                      "choose fit settings before held-out runs", parents=[common])
+    backtest.add_argument("results", help="results table (one expert count)")
+    backtest.add_argument("--budget", type=float, required=True, help="the swept budget C to predict")
+    backtest.add_argument("--span", type=float, default=4.0, help="fit the budgets up to C / SPAN (default 4)")
+    backtest.add_argument("--min-tokens-per-param", type=_floats, default=[0.0], metavar="R[,R...]",
+                          help="Approach 3 fits only runs with D/N >= R; one line per R")
+    backtest.add_argument("--grid", default="paper", choices=("paper", "coarse"), help="L-BFGS initialisations")
+    backtest.set_defaults(fn=cmd_scaling_backtest)
     check = scaling_sub.add_parser("check", help="compare a held-out sweep's losses with a prediction JSON",
                                    parents=[common])
     check.add_argument("prediction", help="JSON written by `scaling predict --sweep`")

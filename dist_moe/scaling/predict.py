@@ -3,7 +3,9 @@
 A scaling law is worth what it predicts. `predict` fits Approach 3 (and Approach 2) to a table and writes a
 JSON file with the compute-optimal N, D and loss at a budget beyond the swept ones, with bootstrap
 intervals, and the predicted loss of each run a held-out sweep file plans (nothing is trained). Commit that
-file before running the sweep; `check` then compares the sweep's measured losses with it.
+file before running the sweep; `check` then compares the sweep's measured losses with it. `backtest` plays
+the same game inside a finished sweep (fit the small budgets, predict the largest) to choose fit settings
+before the held-out runs exist.
 """
 
 from __future__ import annotations
@@ -37,13 +39,18 @@ def _one_expert_count(table: ResultsTable, path) -> ResultsTable:
 
 
 def predict(results_path: str | Path, budget: float, sweep_path: str | Path | None = None, *,
-            bootstrap_resamples: int = 100, level: float = 0.95, grid: str = "paper", seed: int = 0) -> dict:
+            bootstrap_resamples: int = 100, level: float = 0.95, grid: str = "paper", seed: int = 0,
+            min_tokens_per_param: float = 0.0) -> dict:
     """The prediction record: fitted law, optimum at `budget` (Approach 3 and 2), and each planned run's loss.
 
     `interval` is a prediction interval for one new run (the resampled laws' predictions times the fitted
     runs' residual factors); `fit_interval` the bootstrap percentiles of the law's prediction alone.
+    Approach 3 fits the runs with at least `min_tokens_per_param` tokens per parameter; Approach 2 all runs.
     """
-    table = _one_expert_count(read_results(results_path), results_path)
+    if bootstrap_resamples < 10:
+        raise ScalingDataError(f"bootstrap {bootstrap_resamples}: a prediction needs its intervals, at least 10 resamples")
+    everything = _one_expert_count(read_results(results_path), results_path)
+    table, left_out = everything.with_tokens_per_param(min_tokens_per_param)
     fit = fit_loss_law(table.n_active, table.tokens, table.val_loss, starts=grid_starts(grid),
                        workers=min(available_cores(), 8))
     reason = no_optimum_reason(fit.law, table.n_active, table.tokens)
@@ -56,6 +63,7 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
     residual = np.log(table.val_loss) - np.log(fit.law(table.n_active, table.tokens))
     record = {
         "results": str(results_path), "num_runs": len(table), "num_experts": int(table.num_experts[0]),
+        "min_tokens_per_param": min_tokens_per_param, "left_out": left_out,
         "level": level, "bootstrap_resamples": len(laws),
         "law": {k: getattr(fit.law, k) for k in ("A", "B", "E", "alpha", "beta")},
         "law_intervals": {k: _interval([getattr(s, k) for s in laws], level) for k in ("A", "B", "E", "alpha", "beta")},
@@ -65,7 +73,7 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
         "tokens": float(best.d_opt), "tokens_interval": _interval([s.d_opt for s in samples], level),
         "predicted_loss": float(best.loss), "interval": _prediction_interval([s.loss for s in samples], residual, level),
         "fit_interval": _interval([s.loss for s in samples], level),
-        "approach2": _approach2(table, budget, bootstrap_resamples, level, seed),
+        "approach2": _approach2(everything, budget, bootstrap_resamples, level, seed),
     }
     if sweep_path is not None:
         record["runs"] = _planned(sweep_path, fit.law, laws, residual, level)
@@ -98,6 +106,33 @@ def _planned(sweep_path, law: LossLaw, laws: list[LossLaw], residual: np.ndarray
                      "interval": _prediction_interval([s(run.n_active, run.tokens) for s in laws], residual, level),
                      "fit_interval": _interval([s(run.n_active, run.tokens) for s in laws], level)})
     return rows
+
+
+def backtest(results_path: str | Path, target: float, span: float, thresholds: list[float], *,
+             grid: str = "paper") -> str:
+    """Fit Approach 3 to the runs with C <= target / span, predict the runs at `target`: per tokens-per-parameter
+    threshold, the relative error of the three lowest-loss runs there and whether the law ranks the lowest first."""
+    table = _one_expert_count(read_results(results_path), results_path)
+    at_target = np.abs(table.flops / target - 1) < 0.1
+    if not at_target.any():
+        raise ScalingDataError(f"{results_path}: no run within 10% of C = {target:.3g}")
+    test = table.select(at_target)
+    best = np.argsort(test.val_loss)[:3]
+    lines = [f"fit C <= {target / span:.3g}, predict the runs at C = {target:.3g}; error = measured / predicted - 1 "
+             f"of its lowest-loss runs ({', '.join(test.name[i] for i in best)}):"]
+    for threshold in thresholds:
+        train, _ = table.select(table.flops <= target / span * 1.1).with_tokens_per_param(threshold)
+        try:
+            law = fit_loss_law(train.n_active, train.tokens, train.val_loss, starts=grid_starts(grid),
+                               workers=min(available_cores(), 8)).law
+        except ScalingDataError as exc:
+            lines.append(f"  D/N >= {threshold:<5g} {exc}")
+            continue
+        predicted = law(test.n_active, test.tokens)
+        errors = " ".join(f"{test.val_loss[i] / predicted[i] - 1:+.2%}" for i in best)
+        ranked = "yes" if np.argmin(predicted) == np.argmin(test.val_loss) else "no"
+        lines.append(f"  D/N >= {threshold:<5g} {len(train):>3} runs: {errors}; lowest ranked first: {ranked}")
+    return "\n".join(lines)
 
 
 def check(prediction_path: str | Path, results_path: str | Path, plot: str | Path | None = None) -> tuple[dict, str]:

@@ -36,7 +36,8 @@ APPROACHES = ("3", "2", "both")
 def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: int = 100,
             out_dir: str | Path | None = None, approach: str = "3", *, grid: str = "paper",
             level: float = 0.95, workers: int | None = None, seed: int = 0, progress: bool = True,
-            exclude_highest: int = 0, fix_exponents: tuple[float, float] | None = None) -> str:
+            exclude_highest: int = 0, fix_exponents: tuple[float, float] | None = None,
+            min_tokens_per_param: float = 0.0) -> str:
     """Fit `results_path` and return the report text (the caller prints it); plots go to `out_dir`.
 
     budget: FLOPs to recommend N_opt, D_opt for (None: no recommendation). bootstrap: resamples for the
@@ -44,6 +45,7 @@ def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: in
     workers: processes for the grid search (None: one per core, at most 8). exclude_highest: drop the k
     runs of highest loss first (Epoch dropped 5 of the Chinchilla runs). fix_exponents: (alpha, beta) to
     hold fixed in Approach 3; without it a group with too few runs for all five parameters gets Epoch's.
+    min_tokens_per_param: Approach 3 fits only runs with D / N at least this (Approach 2 sees every run).
     """
     if approach not in APPROACHES:
         raise ScalingDataError(f"approach '{approach}': expected one of {', '.join(APPROACHES)}")
@@ -64,7 +66,11 @@ def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: in
     plots: list[Path] = []
     if approach in ("3", "both"):
         fixed = None if fix_exponents is None else dict(zip(("alpha", "beta"), map(float, fix_exponents)))
-        lines += _approach3(table, groups, budget, grid, workers or min(available_cores(), 8), level, boot, out, plots,
+        law_table, few_tokens = table.with_tokens_per_param(min_tokens_per_param)
+        if few_tokens:
+            lines.append(f"Approach 3 leaves out the {len(few_tokens)} runs with fewer than {min_tokens_per_param:g} "
+                         f"tokens per parameter: {', '.join(few_tokens)}")
+        lines += _approach3(law_table, law_table.by_experts(), budget, grid, workers or min(available_cores(), 8), level, boot, out, plots,
                             fixed)
     if approach in ("2", "both"):
         lines += _approach2(groups, budget, level, boot, out, plots)

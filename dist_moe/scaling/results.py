@@ -67,6 +67,12 @@ class ResultsTable:
         """One table per expert count, in increasing order."""
         return {int(x): self.select(self.num_experts == x) for x in np.unique(self.num_experts)}
 
+    def with_tokens_per_param(self, minimum: float) -> tuple[ResultsTable, list[str]]:
+        """The rows with D / N >= `minimum`, and the names of the others (runs far on the large-model side
+        of their budget, still near the loss plateau of their first steps, where L(N, D) does not hold)."""
+        keep = self.tokens / self.n_active >= minimum
+        return self.select(keep), [name for name, kept in zip(self.name, keep) if not kept]
+
 
 def read_results(path: str | Path) -> ResultsTable:
     """Read a CSV/JSONL results table (ours or Epoch's format) and check every value is positive."""

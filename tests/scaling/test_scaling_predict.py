@@ -59,6 +59,26 @@ def test_prediction_at_4x_the_largest_budget_matches_the_true_law(table, tmp_pat
     assert imread(tmp_path / "heldout.png").shape[2] == 4
 
 
+def test_runs_with_too_few_tokens_per_parameter_are_left_out_of_the_law(table):
+    """Runs of a model far too large for its budget sit on the loss plateau of their first steps, above the law:
+    --min-tokens-per-param keeps them out of Approach 3, which then finds the true optimum again."""
+    fitted = predict(table, 8e11, bootstrap_resamples=10, grid="coarse")
+    plateau = []
+    for n in (2e6, 4e6, 8e6):
+        d = 2e11 / (6 * n)
+        append_run(table, Run(f"plateau-{n:.0e}", 8, 4 * n, n, d, 2e11, float(TRUTH(n, d) * 1.3)))
+        plateau.append((f"plateau-{n:.0e}", d / n))
+    threshold = 2 * max(ratio for _, ratio in plateau)
+    record = predict(table, 8e11, bootstrap_resamples=10, grid="coarse", min_tokens_per_param=threshold)
+    assert record["left_out"] == [name for name, _ in plateau] and record["min_tokens_per_param"] == threshold
+    assert record["num_runs"] == 15 and record["predicted_loss"] == pytest.approx(fitted["predicted_loss"], rel=1e-3)
+    assert record["approach2"]["budgets_used"] == 3  # Approach 2 fits every run
+    with pytest.raises(ScalingDataError, match="at least 10 resamples"):
+        predict(table, 8e11, bootstrap_resamples=0)
+    everything = predict(table, 8e11, bootstrap_resamples=10, grid="coarse")
+    assert everything["num_runs"] == 18 and everything["left_out"] == []
+
+
 def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):
     prediction = {"runs": [{"name": "a", "n_active": 10, "tokens": 100, "predicted_loss": 2.0, "interval": [1.9, 2.1]},
                            {"name": "b", "n_active": 20, "tokens": 50, "predicted_loss": 2.1, "interval": [2.0, 2.2]}]}

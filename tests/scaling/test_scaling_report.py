@@ -102,6 +102,23 @@ def test_exclude_highest_drops_the_worst_runs_before_fitting(results):
     assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)
 
 
+def test_min_tokens_per_param_leaves_runs_out_of_approach_3_only(results):
+    table = read_results(results)
+    ratio = table.tokens / table.n_active
+    threshold = float(np.sort(ratio)[10])  # the ten runs of fewest tokens per parameter go
+    few = [name for name, r in zip(table.name, ratio) if r < threshold]
+    report = run_fit(results, bootstrap=0, grid="coarse", workers=1, progress=False, approach="both",
+                     min_tokens_per_param=threshold)
+    assert f"Approach 3 leaves out the 10 runs with fewer than {threshold:g} tokens per parameter: " in report
+    assert all(name in report for name in few)
+    kept = table.select(ratio >= threshold).by_experts()[8]
+    direct = fit_loss_law(kept.n_active, kept.tokens, kept.val_loss, starts=grid_starts("coarse")).law
+    assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)
+    every = table.by_experts()[8]  # Approach 2 still sees every run
+    iso = fit_isoflop(every.n_active, every.tokens, every.val_loss, every.flops)
+    assert _value(report, "experts = 8:", "a") == pytest.approx(iso.a, rel=1e-3)
+
+
 # (N, D, loss): four runs of test_sweep.py's sweep on a 2-core machine (8 and 16 steps), on which the held-exponent
 # fit drove A to exactly 0 (issue 36), and synthetic runs where the larger model is 3% behind (A ~ 1e-4)
 REAL_SHORT_RUNS = [(31968, 1024, 6.227743148803711), (31968, 2048, 5.9986042976379395),
