@@ -1,6 +1,9 @@
 """predict/check: the prediction record is the true law's optimum on noiseless data; check compares runs by name."""
 
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from matplotlib.image import imread
 
 from dist_moe.scaling.allocation import compute_optimal
 from dist_moe.scaling.fit import LossLaw
-from dist_moe.scaling.predict import check, predict
+from dist_moe.scaling.predict import backtest, check, predict
 from dist_moe.scaling.results import Run, ScalingDataError, append_run
 
 TRUTH = LossLaw(A=60.0, B=120.0, E=1.9, alpha=0.33, beta=0.30)
@@ -77,6 +80,33 @@ def test_runs_with_too_few_tokens_per_parameter_are_left_out_of_the_law(table):
         predict(table, 8e11, bootstrap_resamples=0)
     everything = predict(table, 8e11, bootstrap_resamples=10, grid="coarse")
     assert everything["num_runs"] == 18 and everything["left_out"] == []
+
+
+def test_backtest_fits_the_small_budgets_and_predicts_the_largest(table):
+    text = backtest(table, 2e11, 2.0, [0.0, 1e9], grid="coarse")
+    lines = text.splitlines()
+    assert lines[0].startswith("fit C <= 1e+11, predict the runs at C = 2e+11")
+    errors = [float(e.rstrip("%;")) for e in re.findall(r"[+-]\d+\.\d+%", lines[1])]
+    assert "10 runs" in lines[1] and len(errors) == 3 and max(map(abs, errors)) < 1.0  # the truth's 0.2% noise
+    assert lines[1].endswith("lowest ranked first: yes")
+    assert "need at least 6 runs, got 0" in lines[2]  # no run has a billion tokens per parameter
+    with pytest.raises(ScalingDataError, match="no run within 10% of C = 7e\\+11"):
+        backtest(table, 7e11, 2.0, [0.0])
+
+
+def test_backtest_and_predict_from_the_command_line(table, tmp_path):
+    cli = [sys.executable, "-m", "dist_moe.cli", "scaling"]
+    done = subprocess.run([*cli, "backtest", str(table), "--budget", "2e11", "--span", "2", "--grid", "coarse",
+                           "--min-tokens-per-param", "0,1e9"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[2] for line in done.stdout.splitlines()[1:]] == ["0", "1e+09"]
+    bad = subprocess.run([*cli, "backtest", str(table), "--budget", "2e11", "--min-tokens-per-param", "x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "'x': expected numbers separated by commas" in bad.stderr
+    done = subprocess.run([*cli, "predict", str(table), "--budget", "8e11", "--grid", "coarse", "--bootstrap", "10",
+                           "--min-tokens-per-param", "1e9", "--out", str(tmp_path / "p.json")], capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and "need at least 6 runs, got 0" in done.stderr and not (tmp_path / "p.json").exists()
 
 
 def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):
