@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,11 @@ def test_a_run_stopped_early_is_a_failure_not_a_row(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep_module.subprocess, "run", stopped)
     assert sweep_module._train(["tiny"], str(tmp_path)) == {
         "error": "stopped at step 1 of 8347, not recorded (running the sweep again resumes it)"}
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml")),
+                         ids=lambda p: Path(p).stem)
+def test_every_shipped_sweep_file_plans(path):
+    """The sweep files docs/scaling.md runs: every run's config is valid, every budget positive, names distinct."""
+    runs = plan(load_sweep(path))
+    assert runs and all(run.steps >= 1 and run.n_active > 0 for run in runs)
