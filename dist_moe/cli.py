@@ -215,6 +215,8 @@ def cmd_scaling_predict(args: argparse.Namespace) -> int:
     print(f"at C = {args.budget:.3g}: N_opt {record['n_active']:.4g} {record['n_active_interval']}, D_opt "
           f"{record['tokens']:.4g}, predicted loss {record['predicted_loss']:.4f} {record['interval']}; "
           f"Approach 2: {record['approach2'].get('n_active', record['approach2'].get('error'))}; written to {args.out}")
+    for warning in record["warnings"]:
+        print(f"  warning: {warning}")
     for run in record.get("runs", []):
         print(f"  {run['name']}: N {run['n_active']:,} D {run['tokens']:,} predicted loss "
               f"{run['predicted_loss']:.4f} {run['interval']}")

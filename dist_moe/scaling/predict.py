@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_optimum_reason
+from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_floor_warning, no_optimum_reason
 from dist_moe.scaling.fit import LossLaw, available_cores, bootstrap, fit_loss_law, grid_starts, percentile_interval
 from dist_moe.scaling.isoflop import bootstrap_isoflop, fit_isoflop
 from dist_moe.scaling.results import ResultsTable, ScalingDataError, read_results
@@ -68,6 +68,7 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
         "law": {k: getattr(fit.law, k) for k in ("A", "B", "E", "alpha", "beta")},
         "law_intervals": {k: _interval([getattr(s, k) for s in laws], level) for k in ("A", "B", "E", "alpha", "beta")},
         "rms_log_residual": float(np.sqrt(np.mean(residual ** 2))),
+        "warnings": [w for w in [no_floor_warning(fit.law, table.val_loss)] if w],
         "budget_flops": budget,
         "n_active": float(best.n_opt), "n_active_interval": _interval([s.n_opt for s in samples], level),
         "tokens": float(best.d_opt), "tokens_interval": _interval([s.d_opt for s in samples], level),

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_optimum_reason, optimal_exponents
+from dist_moe.scaling.allocation import (compute_optimal, isoflop_allocation, no_floor_warning, no_optimum_reason,
+                                         optimal_exponents)
 from dist_moe.scaling.fit import (
     EPOCH_EXPONENTS,
     LawFit,
@@ -226,7 +227,8 @@ def _law_lines(law: LossLaw, laws: list[LossLaw], level: float, budget: float | 
     lines.append(_row("b", b, [optimal_exponents(s)[1] for s in laws], level) + "   (D_opt ~ C^b)")
     if budget:
         lines.append("  " + _allocation_text(law, laws, budget, level, runs))
-    return lines
+    warning = no_floor_warning(law, runs.val_loss) if runs is not None else None
+    return lines + ([f"  warning: {warning}"] if warning else [])
 
 
 def _allocation_text(law: LossLaw, laws: list[LossLaw], budget: float, level: float, runs: ResultsTable,

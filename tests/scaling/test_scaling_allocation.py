@@ -75,3 +75,14 @@ def test_a_law_without_a_finite_optimum_is_refused_in_one_line():
     law = LossLaw(A=1e-30, B=900.0, E=1.5, alpha=0.3473, beta=0.3672)
     G = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
     assert compute_optimal(law, 1e12).n_opt == pytest.approx(G * (1e12 / 6) ** optimal_exponents(law)[0], rel=1e-12)
+
+
+def test_a_law_without_a_floor_is_flagged():
+    """E ~ 0 means the runs never showed the curve flattening: extrapolations beyond them fall too fast."""
+    from dist_moe.scaling.allocation import no_floor_warning
+
+    losses = [3.2, 2.9, 2.87]
+    assert no_floor_warning(LossLaw(A=19.5, B=9438.0, E=1e-18, alpha=0.2, beta=0.65), losses).startswith(
+        "the fit puts no floor under the loss (E = 1e-18)")
+    assert no_floor_warning(LossLaw(A=19.5, B=9438.0, E=0.0287, alpha=0.2, beta=0.65), losses) is not None
+    assert no_floor_warning(LossLaw(A=19.5, B=9438.0, E=0.0288, alpha=0.2, beta=0.65), losses) is None

@@ -75,6 +75,7 @@ def test_runs_with_too_few_tokens_per_parameter_are_left_out_of_the_law(table):
     record = predict(table, 8e11, bootstrap_resamples=10, grid="coarse", min_tokens_per_param=threshold)
     assert record["left_out"] == [name for name, _ in plateau] and record["min_tokens_per_param"] == threshold
     assert record["num_runs"] == 15 and record["predicted_loss"] == pytest.approx(fitted["predicted_loss"], rel=1e-3)
+    assert record["warnings"] == []  # the truth's E = 1.9 is found
     assert record["approach2"]["budgets_used"] == 3  # Approach 2 fits every run
     with pytest.raises(ScalingDataError, match="at least 10 resamples"):
         predict(table, 8e11, bootstrap_resamples=0)
