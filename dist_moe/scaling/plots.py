@@ -18,7 +18,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from dist_moe.scaling.allocation import compute_optimal, no_optimum_reason
 from dist_moe.scaling.fit import LossLaw
-from dist_moe.scaling.isoflop import IsoFlopFit
+from dist_moe.scaling.isoflop import IsoFlopFit, group_budgets
 from dist_moe.scaling.results import ResultsTable
 
 
@@ -132,13 +132,14 @@ def plot_heldout(table: ResultsTable, law: LossLaw, heldout: list[dict], budget:
     was fitted on, and the held-out runs (dicts with n_active, val_loss, predicted_loss, interval) with their
     predictions and intervals."""
     fig, (ax,) = _figure()
-    budgets = sorted({float(c) for c in table.flops}) + [budget]
+    labels = group_budgets(table.flops)  # one curve per budget, not per run's exact C
+    budgets = [float(np.exp(np.log(table.flops[labels == k]).mean())) for k in np.unique(labels)] + [budget]
     scale = ScalarMappable(LogNorm(min(budgets), max(budgets)), colormaps["plasma"])
     n = _span(np.concatenate([table.n_active, [r["n_active"] for r in heldout]]), pad=1.5)
     for c in budgets:
         ax.plot(n, law(n, c / (6 * n)), color=scale.to_rgba(c), lw=2.0 if c == budget else 1.0,
                 ls="--" if c == budget else "-")
-    ax.scatter(table.n_active, table.val_loss, s=14, c=[scale.to_rgba(c) for c in table.flops], label="fitted runs")
+    ax.scatter(table.n_active, table.val_loss, s=14, c=[scale.to_rgba(c) for c in table.flops], label="swept runs")
     n_held = np.array([r["n_active"] for r in heldout])
     predicted = np.array([r["predicted_loss"] for r in heldout])
     spread = np.abs(np.array([r["interval"] for r in heldout]).T - predicted)
