@@ -1,12 +1,8 @@
 """Chinchilla Approach 2 (IsoFLOP profiles): the loss-optimal model size per compute budget.
 
-Runs are grouped by compute budget C; within a budget, loss is fitted by a parabola in log N and the
-vertex gives N*(C) (and a parabola in log D gives D*(C)); then log N* = log G + a log C and
-log D* = log H + b log C are fitted by least squares. The parabola is a local model of the minimum, so it
-is fitted to the lowest-loss size and up to two sizes on each side of it: far-off sizes (a model 20x too
-large, trained for 36 steps) rise much more steeply than a parabola and would drag its vertex. A budget
-counts only with >= 3 distinct model sizes, an upward parabola and its vertex inside the fitted sizes
-(no extrapolated minima).
+Per budget C, a parabola in log N (and in log D) through the lowest-loss size and up to two sizes each side
+gives N*(C) and D*(C); then log N* = log G + a log C and log D* = log H + b log C by least squares. A budget
+counts only with >= 3 sizes, an upward parabola and its vertex inside the fitted sizes (docs/scaling.md).
 """
 
 from __future__ import annotations

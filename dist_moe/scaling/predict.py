@@ -1,11 +1,8 @@
 """Held-out predictions: fit a results table, predict runs it has not seen, later check them.
 
-A scaling law is worth what it predicts. `predict` fits Approach 3 (and Approach 2) to a table and writes a
-JSON file with the compute-optimal N, D and loss at a budget beyond the swept ones, with bootstrap
-intervals, and the predicted loss of each run a held-out sweep file plans (nothing is trained). Commit that
-file before running the sweep; `check` then compares the sweep's measured losses with it. `backtest` plays
-the same game inside a finished sweep (fit the small budgets, predict the largest) to choose fit settings
-before the held-out runs exist.
+`predict` writes the optimum at a budget beyond the swept ones and each planned held-out run's loss, with
+intervals (commit it before the runs); `check` compares the measured losses with it; `backtest` fits a sweep's
+small budgets and predicts its largest, to choose fit settings before any held-out run exists.
 """
 
 from __future__ import annotations
