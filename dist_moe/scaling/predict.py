@@ -45,7 +45,8 @@ def predict(results_path: str | Path, budget: float, sweep_path: str | Path | No
     Approach 3 fits the runs with at least `min_tokens_per_param` tokens per parameter; Approach 2 all runs.
     """
     if bootstrap_resamples < 10:
-        raise ScalingDataError(f"bootstrap {bootstrap_resamples}: a prediction needs its intervals, at least 10 resamples")
+        raise ScalingDataError(f"bootstrap {bootstrap_resamples}: a prediction needs its intervals, "
+                               "at least 10 resamples")
     everything = _one_expert_count(read_results(results_path), results_path)
     table, left_out = everything.with_tokens_per_param(min_tokens_per_param)
     fit = fit_loss_law(table.n_active, table.tokens, table.val_loss, starts=grid_starts(grid),

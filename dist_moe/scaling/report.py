@@ -71,8 +71,8 @@ def run_fit(results_path: str | Path, budget: float | None = None, bootstrap: in
         if few_tokens:
             lines.append(f"Approach 3 leaves out the {len(few_tokens)} runs with fewer than {min_tokens_per_param:g} "
                          f"tokens per parameter: {', '.join(few_tokens)}")
-        lines += _approach3(law_table, law_table.by_experts(), budget, grid, workers or min(available_cores(), 8), level, boot, out, plots,
-                            fixed)
+        lines += _approach3(law_table, law_table.by_experts(), budget, grid, workers or min(available_cores(), 8),
+                            level, boot, out, plots, fixed)
     if approach in ("2", "both"):
         lines += _approach2(groups, budget, level, boot, out, plots)
     lines += ["", "Plots: " + ", ".join(map(str, plots)) if plots else "Plots: none (pass an output folder)"]

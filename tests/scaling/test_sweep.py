@@ -100,8 +100,10 @@ def test_a_run_stopped_early_is_a_failure_not_a_row(tmp_path, monkeypatch):
         "error": "stopped at step 1 of 8347, not recorded (running the sweep again resumes it)"}
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml")),
-                         ids=lambda p: Path(p).stem)
+SWEEP_FILES = sorted(str(p) for p in (Path(__file__).parents[2] / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: Path(p).stem)
 def test_every_shipped_sweep_file_plans(path):
     """The sweep files docs/scaling.md runs: every run's config is valid, every budget positive, names distinct."""
     runs = plan(load_sweep(path))
