@@ -120,8 +120,8 @@ def backtest(results_path: str | Path, target: float, span: float, thresholds: l
     lines = [f"fit C <= {target / span:.3g}, predict the runs at C = {target:.3g}; error = measured / predicted - 1 "
              f"of its lowest-loss runs ({', '.join(test.name[i] for i in best)}):"]
     for threshold in thresholds:
-        train, _ = table.select(table.flops <= target / span * 1.1).with_tokens_per_param(threshold)
         try:
+            train, _ = table.select(table.flops <= target / span * 1.1).with_tokens_per_param(threshold)
             law = fit_loss_law(train.n_active, train.tokens, train.val_loss, starts=grid_starts(grid),
                                workers=min(available_cores(), 8)).law
         except ScalingDataError as exc:

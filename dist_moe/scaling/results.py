@@ -70,7 +70,11 @@ class ResultsTable:
     def with_tokens_per_param(self, minimum: float) -> tuple[ResultsTable, list[str]]:
         """The rows with D / N >= `minimum`, and the names of the others (runs far on the large-model side
         of their budget, still near the loss plateau of their first steps, where L(N, D) does not hold)."""
-        keep = self.tokens / self.n_active >= minimum
+        ratio = self.tokens / self.n_active
+        if len(self) and not (ratio >= minimum).any():
+            raise ScalingDataError(f"min-tokens-per-param {minimum:g} leaves no run to fit (the most any run has "
+                                   f"is {ratio.max():.3g} tokens per parameter)")
+        keep = ratio >= minimum
         return self.select(keep), [name for name, kept in zip(self.name, keep) if not kept]
 
 

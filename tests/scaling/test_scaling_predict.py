@@ -83,6 +83,17 @@ def test_runs_with_too_few_tokens_per_parameter_are_left_out_of_the_law(table):
     assert everything["num_runs"] == 18 and everything["left_out"] == []
 
 
+def test_a_prediction_from_a_law_without_a_floor_carries_the_warning(tmp_path):
+    """Runs of a pure power law (E = 0): predict fits E ~ 0 and says its extrapolation will be too low."""
+    path, floorless = tmp_path / "results.jsonl", LossLaw(A=60.0, B=120.0, E=0.0, alpha=0.33, beta=0.30)
+    for budget in (5e10, 1e11, 2e11):
+        for n in compute_optimal(TRUTH, budget).n_opt * np.geomspace(0.25, 4, 5):
+            d = budget / (6 * n)
+            append_run(path, Run(f"n{n:.3g}-c{budget:.0e}", 8, 4 * n, n, d, budget, float(floorless(n, d))))
+    record = predict(path, 8e11, bootstrap_resamples=10, grid="coarse")
+    assert len(record["warnings"]) == 1 and record["warnings"][0].startswith("the fit puts no floor under the loss")
+
+
 def test_backtest_fits_the_small_budgets_and_predicts_the_largest(table):
     text = backtest(table, 2e11, 2.0, [0.0, 1e9], grid="coarse")
     lines = text.splitlines()
@@ -90,7 +101,7 @@ def test_backtest_fits_the_small_budgets_and_predicts_the_largest(table):
     errors = [float(e.rstrip("%;")) for e in re.findall(r"[+-]\d+\.\d+%", lines[1])]
     assert "10 runs" in lines[1] and len(errors) == 3 and max(map(abs, errors)) < 1.0  # the truth's 0.2% noise
     assert lines[1].endswith("lowest ranked first: yes")
-    assert "need at least 6 runs, got 0" in lines[2]  # no run has a billion tokens per parameter
+    assert "leaves no run to fit" in lines[2]  # no run has a billion tokens per parameter
     with pytest.raises(ScalingDataError, match="no run within 10% of C = 7e\\+11"):
         backtest(table, 7e11, 2.0, [0.0])
 
@@ -107,7 +118,7 @@ def test_backtest_and_predict_from_the_command_line(table, tmp_path):
     done = subprocess.run([*cli, "predict", str(table), "--budget", "8e11", "--grid", "coarse", "--bootstrap", "10",
                            "--min-tokens-per-param", "1e9", "--out", str(tmp_path / "p.json")], capture_output=True,
                           text=True)
-    assert done.returncode != 0 and "need at least 6 runs, got 0" in done.stderr and not (tmp_path / "p.json").exists()
+    assert done.returncode != 0 and "leaves no run to fit" in done.stderr and not (tmp_path / "p.json").exists()
 
 
 def test_check_compares_measured_losses_with_the_prediction_by_name(tmp_path):

@@ -114,6 +114,8 @@ def test_min_tokens_per_param_leaves_runs_out_of_approach_3_only(results):
     kept = table.select(ratio >= threshold).by_experts()[8]
     direct = fit_loss_law(kept.n_active, kept.tokens, kept.val_loss, starts=grid_starts("coarse")).law
     assert _value(report, "experts = 8 (", "alpha") == pytest.approx(direct.alpha, rel=1e-3)
+    with pytest.raises(ScalingDataError, match="min-tokens-per-param 1e\\+09 leaves no run to fit"):
+        run_fit(results, bootstrap=0, grid="coarse", workers=1, progress=False, min_tokens_per_param=1e9)
     every = table.by_experts()[8]  # Approach 2 still sees every run
     iso = fit_isoflop(every.n_active, every.tokens, every.val_loss, every.flops)
     assert _value(report, "experts = 8:", "a") == pytest.approx(iso.a, rel=1e-3)
