@@ -14,7 +14,7 @@ import numpy as np
 
 from dist_moe.scaling.allocation import compute_optimal, isoflop_allocation, no_floor_warning, no_optimum_reason
 from dist_moe.scaling.fit import LossLaw, available_cores, bootstrap, fit_loss_law, grid_starts, percentile_interval
-from dist_moe.scaling.isoflop import bootstrap_isoflop, fit_isoflop
+from dist_moe.scaling.isoflop import BUDGET_TOLERANCE, bootstrap_isoflop, fit_isoflop
 from dist_moe.scaling.results import ResultsTable, ScalingDataError, read_results
 
 
@@ -112,16 +112,17 @@ def backtest(results_path: str | Path, target: float, span: float, thresholds: l
     """Fit Approach 3 to the runs with C <= target / span, predict the runs at `target`: per tokens-per-parameter
     threshold, the relative error of the three lowest-loss runs there and whether the law ranks the lowest first."""
     table = _one_expert_count(read_results(results_path), results_path)
-    at_target = np.abs(table.flops / target - 1) < 0.1
+    at_target = np.abs(table.flops / target - 1) < BUDGET_TOLERANCE
     if not at_target.any():
-        raise ScalingDataError(f"{results_path}: no run within 10% of C = {target:.3g}")
+        raise ScalingDataError(f"{results_path}: no run within {BUDGET_TOLERANCE:.0%} of C = {target:.3g}")
     test = table.select(at_target)
     best = np.argsort(test.val_loss)[:3]
     lines = [f"fit C <= {target / span:.3g}, predict the runs at C = {target:.3g}; error = measured / predicted - 1 "
              f"of its lowest-loss runs ({', '.join(test.name[i] for i in best)}):"]
     for threshold in thresholds:
         try:
-            train, _ = table.select(table.flops <= target / span * 1.1).with_tokens_per_param(threshold)
+            train, _ = table.select(table.flops <= target / span * (1 + BUDGET_TOLERANCE)).with_tokens_per_param(
+                threshold)
             law = fit_loss_law(train.n_active, train.tokens, train.val_loss, starts=grid_starts(grid),
                                workers=min(available_cores(), 8)).law
         except ScalingDataError as exc:

@@ -71,10 +71,10 @@ class ResultsTable:
         """The rows with D / N >= `minimum`, and the names of the others (runs far on the large-model side
         of their budget, still near the loss plateau of their first steps, where L(N, D) does not hold)."""
         ratio = self.tokens / self.n_active
-        if len(self) and not (ratio >= minimum).any():
+        keep = ratio >= minimum
+        if len(self) and not keep.any():
             raise ScalingDataError(f"min-tokens-per-param {minimum:g} leaves no run to fit (the most any run has "
                                    f"is {ratio.max():.3g} tokens per parameter)")
-        keep = ratio >= minimum
         return self.select(keep), [name for name, kept in zip(self.name, keep) if not kept]
 
 
